@@ -1,0 +1,214 @@
+"""The Llama backbone as HF `LlamaModel` computes it for the reference (spec reference-model.md 3.1-3.3).
+
+Shapes: B batch, S rows of this call, L cache rows, D model dim, H query heads, K kv heads, G = H // K,
+Dh head dim, F ffn dim. Parameter names mirror the reference state dict (convert.py maps them 1:1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from valle_jax.config import ModelConfig
+
+Array = jax.Array
+KVCache = dict[str, Any]  # {"index": [B] int32 rows already cached, "layers": ({"k": [B,L,K,Dh], "v": ...}, ...)}
+
+NEG_INF = -1e30  # finite: a fully masked (padding) row must not produce NaN
+
+
+def dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, use_bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) with float32 statistics, cast back, then times the weight (HF order)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rope_cos_sin(positions_BS: Array, head_dim: int, theta: float, dtype: Any) -> tuple[Array, Array]:
+    """cos/sin [B, S, Dh]: angle = position * inv_freq, duplicated to [f, f] (rotate-half convention)."""
+    angle = positions_BS.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+    angle = jnp.concatenate([angle, angle], axis=-1)
+    return jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
+
+
+def apply_rope(x_BSHD: Array, cos_BSD: Array, sin_BSD: Array) -> Array:
+    half = x_BSHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BSHD[..., half:], x_BSHD[..., :half]], axis=-1)
+    return x_BSHD * cos_BSD[:, :, None, :] + rotated * sin_BSD[:, :, None, :]
+
+
+def attend_xla(q_BSHD: Array, k_BLKD: Array, v_BLKD: Array, mask_BSL: Array, dropout: nn.Dropout | None) -> Array:
+    """softmax(q k^T / sqrt(Dh) + mask) v with float32 scores/softmax; GQA by grouping query heads."""
+    B, S, H, Dh = q_BSHD.shape
+    K = k_BLKD.shape[2]
+    q = q_BSHD.reshape(B, S, K, H // K, Dh)
+    scores = jnp.einsum("bskgd,blkd->bkgsl", q, k_BLKD, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(Dh)))
+    scores = jnp.where(mask_BSL[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    out = jnp.einsum("bkgsl,blkd->bskgd", probs.astype(v_BLKD.dtype), v_BLKD)
+    return out.reshape(B, S, H, Dh)
+
+
+def attend_cudnn(q_BSHD: Array, k_BSKD: Array, v_BSKD: Array, lengths_B: Array) -> Array:
+    """cuDNN flash attention (GPU, fp16/bf16): causal with right padding given as per-item lengths."""
+    return jax.nn.dot_product_attention(
+        q_BSHD, k_BSKD, v_BSKD, is_causal=True, query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+        implementation="cudnn",
+    )  # fmt: skip
+
+
+def causal_mask(valid_BS: Array) -> Array:
+    """[B, S, S]: query i may see key j iff j <= i and j is a valid (non-padding) row (spec 2.6)."""
+    S = valid_BS.shape[1]
+    causal = jnp.tril(jnp.ones((S, S), dtype=bool))
+    return causal[None] & valid_BS[:, None, :]
+
+
+def cache_mask(index_B: Array, n_new: int, cache_len: int) -> Array:
+    """[B, S, L]: new row i of item b sits at cache row index_b + i and sees cache rows 0..index_b + i."""
+    row = index_B[:, None] + jnp.arange(n_new)[None, :]
+    return jnp.arange(cache_len)[None, None, :] <= row[:, :, None]
+
+
+def write_cache(cache_BLKD: Array, new_BSKD: Array, index_B: Array) -> Array:
+    """Write each item's S new rows at its own offset (items in a batch may be at different lengths)."""
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache_BLKD, new_BSKD, index_B)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BSD, cos_sin, mask_BSL, valid_BS, layer_cache=None, index_B=None, deterministic=True):
+        cfg = self.cfg
+        H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        B, S, _ = x_BSD.shape
+        q = dense(H * Dh, ("embed", "q_heads"), cfg, "q_proj")(x_BSD).reshape(B, S, H, Dh)
+        k = dense(K * Dh, ("embed", "kv_heads"), cfg, "k_proj")(x_BSD).reshape(B, S, K, Dh)
+        v = dense(K * Dh, ("embed", "kv_heads"), cfg, "v_proj")(x_BSD).reshape(B, S, K, Dh)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+
+        new_cache = None
+        if layer_cache is not None:
+            k_all = write_cache(layer_cache["k"], k.astype(layer_cache["k"].dtype), index_B)
+            v_all = write_cache(layer_cache["v"], v.astype(layer_cache["v"].dtype), index_B)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+
+        drop = None
+        if not deterministic and cfg.dropout > 0:
+            drop = nn.Dropout(cfg.dropout, deterministic=False)
+        if cfg.attention_impl == "cudnn" and layer_cache is None and drop is None:
+            out = attend_cudnn(q, k, v, valid_BS.sum(-1).astype(jnp.int32))
+        else:
+            out = attend_xla(q, k, v, mask_BSL, drop)
+        out = dense(cfg.d_model, ("q_heads", "embed"), cfg, "o_proj")(out.reshape(B, S, H * Dh))
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BSD: Array) -> Array:
+        cfg = self.cfg
+        gate = dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "gate_proj")(x_BSD)
+        up = dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "up_proj")(x_BSD)
+        # hidden_act "gelu" in HF is the exact erf GELU (spec 3.1)
+        return dense(cfg.d_model, ("mlp", "embed"), cfg, "down_proj")(nn.gelu(gate, approximate=False) * up)
+
+
+class LlamaLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, cos_sin, mask, valid, layer_cache=None, index=None, deterministic=True):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
+        a, new_cache = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(h), cos_sin, mask, valid, layer_cache, index, deterministic
+        )
+        h = h + a
+        h = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
+        return h, new_cache
+
+
+class LlamaDecoder(nn.Module):
+    """Decoder stack + final norm. With `cache`, the S new rows are appended to each item's cached rows."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BSD: Array,
+        positions_BS: Array,
+        valid_BS: Array,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, KVCache | None]:
+        cfg = self.cfg
+        if cfg.embed_tokens:  # HF LlamaModel.embed_tokens: in every checkpoint, never read (spec 3.4)
+            self.param(
+                "embed_tokens",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                (cfg.n_resp_tokens, cfg.d_model),
+                cfg.param_dtype,
+            )
+        h = x_BSD.astype(cfg.dtype)
+        cos_sin = rope_cos_sin(positions_BS, cfg.head_dim, cfg.rope_theta, cfg.dtype)
+        if cache is None:
+            mask, index = causal_mask(valid_BS), None
+        else:
+            index = cache["index"]
+            mask = cache_mask(index, x_BSD.shape[1], cache["layers"][0]["k"].shape[1])
+        new_layers = []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            h, lc = LlamaLayer(cfg, name=f"layers_{i}")(h, cos_sin, mask, valid_BS, layer_cache, index, deterministic)
+            new_layers.append(lc)
+        h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(h)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"index": index + valid_BS.sum(-1).astype(jnp.int32), "layers": tuple(new_layers)}
+        return h, new_cache
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """Preallocated cache. `max_len` must cover every row ever written (prefix bucket + decode steps)."""
+    dtype = dtype or cfg.dtype
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
+    return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layer() for _ in range(cfg.n_layers))}

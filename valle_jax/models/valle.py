@@ -1,0 +1,301 @@
+"""VALL-E around a backbone: embeddings (version 2/3 and 5 rules), sequence assembly, position ids, heads.
+
+Spec reference-model.md sections 2 and 4. A batch is right-padded to static shapes; per-item lengths and
+target levels are arrays, so one compiled program serves items of different lengths and levels.
+
+Shapes: B batch, T/P/R padded text/prompt/response lengths, Q code columns, S sequence rows, D model dim,
+V output width (the widest head).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from valle_jax.config import ModelConfig
+from valle_jax.models.llama import LlamaDecoder
+
+Array = jax.Array
+
+
+class Batch(NamedTuple):
+    """Right-padded model inputs. Codes are [frames, levels] per item as the reference's `prom`/`resp`."""
+
+    text: Array  # [B, T] int32 token ids incl. BOS/EOS
+    text_len: Array  # [B]
+    prom: Array  # [B, P, Q] int32 prompt codes
+    prom_len: Array  # [B]; 0 = no prompt (the segment and its separator are omitted, spec 2.2)
+    resp: Array  # [B, R, Q'] int32 response codes (level 0 for the AR, levels 0..L-1 for NAR level L)
+    resp_len: Array  # [B]; 0 is allowed (first AR step: the sequence then ends with a separator)
+    level: Array  # [B] target RVQ level: 0 = AR pass, 1.. = NAR pass
+
+
+class Layout(NamedTuple):
+    """Where every row of the assembled sequence comes from."""
+
+    valid: Array  # [B, S] bool, False on right padding
+    positions: Array  # [B, S] int32 RoPE positions (unified or per segment)
+    resp_start: Array  # [B] first response row
+    length: Array  # [B] number of valid rows
+
+
+def make_batch(items: list[dict], pad_to: dict[str, int] | None = None) -> Batch:
+    """Pad a list of {"text", "prom", "resp", "level"} numpy/jnp items into a Batch (host side helper)."""
+    import numpy as np
+
+    pad_to = pad_to or {}
+
+    def stack(key: str, width_axis: bool) -> tuple[np.ndarray, np.ndarray]:
+        arrs = [np.asarray(it[key]) for it in items]
+        if width_axis:
+            arrs = [a.reshape(len(a), -1) if a.size else a.reshape(0, max(1, a.shape[-1] if a.ndim > 1 else 1)) for a in arrs]
+        n = max([len(a) for a in arrs] + [pad_to.get(key, 0), 1])
+        q = max(a.shape[1] for a in arrs) if width_axis else None
+        out = np.zeros((len(arrs), n, q) if width_axis else (len(arrs), n), np.int32)
+        for i, a in enumerate(arrs):
+            if width_axis:
+                out[i, : len(a), : a.shape[1]] = a
+            else:
+                out[i, : len(a)] = a
+        return out, np.array([len(a) for a in arrs], np.int32)
+
+    text, text_len = stack("text", False)
+    prom, prom_len = stack("prom", True)
+    resp, resp_len = stack("resp", True)
+    level = np.array([int(it.get("level", 0)) for it in items], np.int32)
+    return Batch(*(jnp.asarray(a) for a in (text, text_len, prom, prom_len, resp, resp_len, level)))
+
+
+def sequence_length(cfg: ModelConfig, batch: Batch) -> int:
+    """Static row count for a batch's padded shapes: every segment plus its separator."""
+    return batch.text.shape[1] + batch.prom.shape[1] + batch.resp.shape[1] + (4 if cfg.has_rvq_token else 2)
+
+
+def layout(cfg: ModelConfig, lengths: list[Array], has_sep: list[Array], n_rows: int) -> tuple[Layout, Array, Array, Array]:
+    """Segment index and offset of every row. A separator follows every present, non-final segment.
+
+    Returns (layout, segment [B, S] (n_segments on padding), offset [B, S], is_sep [B, S]).
+    Per-segment positions (spec 2.5): a segment of length n with its separator gets 0..n, the final one 0..n-1,
+    padding gets 1. Unified positions: the row index.
+    """
+    occupancy = [n + s.astype(jnp.int32) for n, s in zip(lengths, has_sep)]
+    ends = jnp.cumsum(jnp.stack(occupancy, axis=-1), axis=-1)  # [B, n_segments]
+    starts = ends - jnp.stack(occupancy, axis=-1)
+    rows = jnp.arange(n_rows)[None, :]
+    segment = jnp.sum(rows[:, :, None] >= ends[:, None, :], axis=-1)  # [B, S]
+    n_segments = len(lengths)
+    valid = segment < n_segments
+    seg_index = jnp.minimum(segment, n_segments - 1)
+    offset = rows - jnp.take_along_axis(starts, seg_index, axis=1)
+    is_sep = valid & (offset == jnp.take_along_axis(jnp.stack(lengths, axis=-1), seg_index, axis=1))
+    if cfg.experimental.unified_position_ids:
+        positions = jnp.broadcast_to(rows, segment.shape)
+    else:
+        positions = jnp.where(valid, offset, 1)
+    resp_start = starts[:, -1]
+    lay = Layout(valid, positions.astype(jnp.int32), resp_start, ends[:, -1])
+    return lay, segment, offset, is_sep
+
+
+def audio_weights(cfg: ModelConfig, level_B: Array, n_tables: int, kind: str, n_cols: int) -> list[Array]:
+    """Weight [B] of each code column k in the prompt/response embedding of target level L (spec 2.3).
+
+    kind "prom": column k is read through table P_k. kind "resp": column k through table R_{k+1} (NAR);
+    the AR table R_0 is handled by the caller. The version-5 sums rule keeps the reference's off-by-one:
+    levels 0..L-2 only for L >= 2.
+    """
+    L = level_B[:, None]
+    k = jnp.arange(n_tables)[None, :]
+    if cfg.version >= 5:
+        if cfg.experimental.audio_embedding_sums:
+            w = jnp.where(L >= 2, k <= L - 2, k == 0)
+        else:
+            w = k == jnp.maximum(L - 1, 0)
+        if kind == "resp":
+            w = w & (L >= 1)
+    else:  # AudioEmbedding_Old: complete sums; the AR prompt sums every level it is given
+        if kind == "prom":
+            w = jnp.where(L == 0, k < n_cols, k < L)
+        else:
+            w = (k < L) & (L >= 1)
+    return [w[:, i].astype(jnp.float32) for i in range(n_tables)]
+
+
+def _embed_table(rows: int, dim: int, cfg: ModelConfig, name: str, axes=("vocab", "embed")) -> nn.Embed:
+    return nn.Embed(
+        rows,
+        dim,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), axes),
+        name=name,
+    )
+
+
+class AudioTables(nn.Module):
+    """`proms_emb` / `resps_emb`: one table per RVQ level (`embeddings_{k}`)."""
+
+    cfg: ModelConfig
+    rows: tuple[int, ...]
+
+    def setup(self):
+        self.embeddings = [_embed_table(r, self.cfg.d_model, self.cfg, f"embeddings_{k}") for k, r in enumerate(self.rows)]
+
+    def __call__(self, k: int, codes: Array) -> Array:
+        return self.embeddings[k](codes)
+
+
+class Classifiers(nn.Module):
+    """Split heads `classifiers.proj.{l}`: narrower heads are right-padded with -inf columns (spec 4)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.proj = [
+            nn.Dense(
+                w, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), name=f"proj_{l}",
+            )
+            for l, w in enumerate(cfg.l_tokens)
+        ]  # fmt: skip
+
+    def __call__(self, h_BSD: Array, level_B: Array) -> Array:
+        widths = self.cfg.l_tokens
+        V = max(widths)
+        if self.is_initializing():
+            return jnp.stack([jnp.pad(p(h_BSD), ((0, 0), (0, 0), (0, V - w)), constant_values=-jnp.inf)
+                              for p, w in zip(self.proj, widths)]).max(0)  # fmt: skip
+        kernels = jnp.stack([jnp.pad(p.variables["params"]["kernel"], ((0, 0), (0, V - w))) for p, w in zip(self.proj, widths)])
+        biases = jnp.stack(
+            [jnp.pad(p.variables["params"]["bias"].astype(jnp.float32), (0, V - w), constant_values=-jnp.inf)
+             for p, w in zip(self.proj, widths)]
+        )  # fmt: skip
+        kernel_BDV = kernels[level_B].astype(self.cfg.dtype)
+        logits = jnp.einsum("bsd,bdv->bsv", h_BSD, kernel_BDV, preferred_element_type=jnp.float32)
+        return logits + biases[level_B][:, None, :]
+
+
+class VALLE(nn.Module):
+    """The reference's `Base` for the tts task: embed, backbone, heads. Parameters mirror its state dict."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        D = cfg.d_model
+        vec = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (D,), cfg.param_dtype)  # noqa: E731
+        self.text_emb = _embed_table(cfg.text_tokens, D, cfg, "text_emb")
+        self.sep = vec("sep")
+        if cfg.dropout_token:
+            self.dropout_token = vec("dropout_token")
+        self.proms_emb = AudioTables(cfg, (cfg.audio_tokens,) * cfg.resp_levels, name="proms_emb")
+        self.resps_emb = AudioTables(cfg, tuple(cfg.l_tokens), name="resps_emb")
+        if cfg.version >= 3:
+            if cfg.langs > 0:
+                self.langs_emb = _embed_table(cfg.langs, D, cfg, "langs_emb", ("table", "embed"))
+            if cfg.tasks > 0:
+                self.tasks_emb = _embed_table(cfg.tasks, D, cfg, "tasks_emb", ("table", "embed"))
+        if cfg.version >= 4 and cfg.tones > 0:
+            self.tones_emb = _embed_table(cfg.tones, D, cfg, "tones_emb", ("table", "embed"))
+        if cfg.has_rvq_token:
+            self.rvq_l_emb = _embed_table(cfg.resp_levels, D, cfg, "rvq_l_emb", ("table", "embed"))
+        if cfg.arch_type == "llama":
+            self.model = LlamaDecoder(cfg)
+        else:
+            from valle_jax.models.retnet import RetNetDecoder
+
+            self.model = RetNetDecoder(cfg)
+        if cfg.experimental.split_classifiers:
+            self.classifiers = Classifiers(cfg)
+        else:
+            self.classifier = nn.Dense(
+                cfg.n_resp_tokens, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+            )  # fmt: skip
+
+    # ----- embeddings -----
+    def embed_prom(self, prom_BPQ: Array, level_B: Array) -> Array:
+        n_tables = min(self.cfg.resp_levels, prom_BPQ.shape[-1])
+        w = audio_weights(self.cfg, level_B, n_tables, "prom", prom_BPQ.shape[-1])
+        return sum(w[k][:, None, None] * self.proms_emb(k, prom_BPQ[..., k]) for k in range(n_tables))
+
+    def embed_resp(self, resp_BRQ: Array, level_B: Array) -> Array:
+        cfg = self.cfg
+        ar = (level_B == 0).astype(jnp.float32)[:, None, None]
+        out = ar * self.resps_emb(0, resp_BRQ[..., 0])
+        if cfg.has_nar:
+            n_tables = min(cfg.resp_levels - 1, resp_BRQ.shape[-1])
+            w = audio_weights(cfg, level_B, n_tables, "resp", resp_BRQ.shape[-1])
+            out = out + sum(w[k][:, None, None] * self.resps_emb(k + 1, resp_BRQ[..., k]) for k in range(n_tables))
+        return out
+
+    def embed(self, batch: Batch, n_rows: int | None = None) -> tuple[Array, Layout]:
+        """Assemble text · sep · rvq · sep · prom · sep · resp (version 5; no rvq segment before it)."""
+        cfg = self.cfg
+        n_rows = n_rows or sequence_length(cfg, batch)
+        B = batch.text.shape[0]
+        one = jnp.ones((B,), jnp.int32)
+        yes = jnp.ones((B,), bool)
+        segs = [(self.text_emb(batch.text), batch.text_len, yes)]
+        if cfg.has_rvq_token:
+            segs.append((self.rvq_l_emb(batch.level)[:, None, :], one, yes))
+        segs.append((self.embed_prom(batch.prom, batch.level), batch.prom_len, batch.prom_len > 0))
+        segs.append((self.embed_resp(batch.resp, batch.level), batch.resp_len, ~yes))
+        lay, segment, offset, is_sep = layout(cfg, [s[1] for s in segs], [s[2] for s in segs], n_rows)
+        x = jnp.zeros((B, n_rows, cfg.d_model), jnp.float32)
+        for k, (emb_BND, n_B, _) in enumerate(segs):
+            rows = jnp.take_along_axis(emb_BND, jnp.clip(offset, 0, emb_BND.shape[1] - 1)[..., None], axis=1)
+            x = jnp.where(((segment == k) & (offset < n_B[:, None]))[..., None], rows.astype(jnp.float32), x)
+        x = jnp.where(is_sep[..., None], self.sep.astype(jnp.float32), x)
+        return x.astype(cfg.dtype), lay
+
+    # ----- backbone and heads -----
+    def backbone(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, cache: Any = None, deterministic: bool = True, **kw):
+        return self.model(x_BSD, positions_BS, valid_BS, cache, deterministic=deterministic, **kw) if self.cfg.arch_type == "llama" \
+            else self.model(x_BSD, positions_BS, valid_BS, cache, **kw)  # fmt: skip
+
+    def logits(self, h_BSD: Array, level_B: Array) -> Array:
+        """Float32 logits [B, S, V]; split heads choose each item's head by its target level."""
+        if self.cfg.experimental.split_classifiers:
+            return self.classifiers(h_BSD, level_B)
+        return self.classifier(h_BSD).astype(jnp.float32)
+
+    def __call__(self, batch: Batch, deterministic: bool = True, n_rows: int | None = None, **backbone_kw) -> tuple[Array, Layout]:
+        """Teacher-forced pass: logits of every row (zero on padding rows, as the reference's mask)."""
+        if self.is_initializing():  # tables the tts path never reads still exist in every checkpoint
+            for name in ("langs_emb", "tasks_emb", "tones_emb"):
+                if hasattr(self, name):
+                    getattr(self, name)(jnp.zeros((1,), jnp.int32))
+            for k in range(self.cfg.resp_levels):
+                self.proms_emb(k, jnp.zeros((1,), jnp.int32))
+                self.resps_emb(k, jnp.zeros((1,), jnp.int32))
+        x, lay = self.embed(batch, n_rows)
+        h, _ = self.backbone(x, lay.positions, lay.valid, None, deterministic, **backbone_kw)
+        logits = self.logits(h, batch.level)
+        return jnp.where(lay.valid[..., None], logits, 0.0), lay
+
+
+def head_width(cfg: ModelConfig, level: int) -> int:
+    """Width of the real logits of a level (1025 with the stop column; 1024 for split NAR heads)."""
+    return cfg.l_tokens[level] if cfg.experimental.split_classifiers else cfg.n_resp_tokens
+
+
+def init_params(cfg: ModelConfig, rng: Array, boxed: bool = False) -> dict:
+    """Fresh parameters for `cfg` (plain nested dict, or boxed with logical axis names)."""
+    model = VALLE(cfg)
+    batch = make_batch([{"text": [1, 2], "prom": [[0] * cfg.resp_levels], "resp": [[0] * cfg.resp_levels], "level": 0}])
+    variables = model.init(rng, batch)
+    params = variables["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter (the same tree as the params, leaves are PartitionSpecs)."""
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
+    return nn.get_partition_spec(boxed)
