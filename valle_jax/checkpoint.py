@@ -30,6 +30,7 @@ def save_model_dir(path: str | Path, cfg: ModelConfig, params: dict, reference: 
         raise FileExistsError(f"{path}: already exists (use --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary output
     try:
         save_yaml(cfg, tmp / CONFIG_FILE)
         (tmp / REFERENCE_FILE).write_text(json.dumps(reference or {}, indent=1))

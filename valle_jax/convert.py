@@ -103,6 +103,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     if len(data) < 8:
         raise CheckpointError(f"{path}: not a checkpoint (too short for a safetensors header)")
     (n,) = struct.unpack("<Q", data[:8])
+    if data[8:9] != b"{" or n > 1 << 30:
+        raise CheckpointError(f"{path}: not a checkpoint (no safetensors header)")
     if n > len(data) - 8:
         raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {n} bytes, file {len(data)})")
     try:
@@ -170,9 +172,13 @@ def read_pth(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
     import torch
 
+    with open(path, "rb") as f:
+        zip_magic = f.read(4) == b"PK\x03\x04"
+    if zip_magic and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: truncated PyTorch checkpoint (the zip archive has no end record)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except (RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
         short = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint or truncated ({short})") from e
     if not isinstance(obj, dict):
@@ -299,7 +305,8 @@ def infer_config(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: Pat
     else:
         cfg.ffn = int(tensors["model.layers.0.ffn.fc1.weight"].shape[0]) if "model.layers.0.ffn.fc1.weight" in tensors else None
 
-    heads = heads or _manifest_heads(path)
+    userdata = meta.get("userdata") if isinstance(meta.get("userdata"), dict) else {}
+    heads = heads or _manifest_heads(path) or (userdata.get("valle_jax") or {}).get("heads")
     if heads is None:
         if d % 64:
             raise CheckpointError(f"{src}: dim {d} is not a multiple of 64; give the number of heads (heads=N)")
@@ -413,6 +420,25 @@ def load_reference(path: str | Path, overrides: list[str] | dict | None = None, 
     return cfg, params, reference
 
 
+def load_any(path: str | Path, heads: int | None = None, overrides: list[str] | dict | None = None,
+             dtype: Any = np.float32) -> tuple[ModelConfig, dict]:  # fmt: skip
+    """A reference .sft/.pth or a valle_jax model directory -> (config, params cast to `dtype`)."""
+    path = Path(path)
+    if path.is_dir():
+        from valle_jax.checkpoint import load_model_dir
+
+        cfg, params, _ = load_model_dir(path)
+        if overrides:
+            cfg = cfg.override(overrides).validate()
+    else:
+        cfg, params, _ = load_reference(path, overrides, heads=heads)
+    return cfg, {k: v for k, v in _cast_tree(params, dtype).items()}
+
+
+def _cast_tree(tree: dict, dtype: Any) -> dict:
+    return {k: _cast_tree(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+
+
 def _raw_metadata(path: Path, meta: dict, container: str) -> dict:
     if container == "sft":
         return read_safetensors_metadata(path)
@@ -467,7 +493,9 @@ def _default_metadata(cfg: ModelConfig, previous: dict) -> dict:
             decoded[k] = json.loads(v) if isinstance(v, str) else v
         except json.JSONDecodeError:
             decoded[k] = v
-    return {"stats": decoded.get("stats", {"global_step": 0}), "userdata": decoded.get("userdata", {}),
+    # heads cannot be read from weights: files we write from scratch say them in userdata
+    userdata = decoded.get("userdata", {"valle_jax": {"heads": cfg.n_heads}})
+    return {"stats": decoded.get("stats", {"global_step": 0}), "userdata": userdata,
             "config": decoded.get("config", cfg.reference_dict())}  # fmt: skip
 
 

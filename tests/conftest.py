@@ -1,0 +1,37 @@
+"""Test-wide settings: 8 fake CPU devices (sharding tests), float32 matmuls at full precision."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = ROOT / "tests" / "fixtures"
+MANIFEST = json.loads((FIXTURES / "fixtures.json").read_text())
+VARIANTS = MANIFEST["variants"]
+LLAMA_VARIANTS = sorted(k for k, v in VARIANTS.items() if v["flags"]["arch_type"] == "llama")
+ALL_VARIANTS = sorted(VARIANTS)
+
+
+def fixture_paths(name: str) -> tuple[Path, Path]:
+    v = VARIANTS[name]
+    return FIXTURES / v["checkpoint"], FIXTURES / v["npz"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
