@@ -83,6 +83,9 @@ class ModelConfig:
     # Unused tables the reference keeps in every checkpoint (kept so export is lossless).
     embed_tokens: bool = True  # `model.embed_tokens` of HF LlamaModel
     dropout_token: bool = True  # absent from old (retnet era) checkpoints
+    # --- front end and codec (the reference keeps these outside `Model`) ---
+    tokenizer: str = "bpe"  # "bpe" (tokenizer.json, llama releases) or "naive" (the retnet release)
+    codec: str = "vocos"  # "encodec" | "vocos" (EnCodec codes, Vocos decoder: the default) | "dac"
     # --- numerics ---
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -223,6 +226,10 @@ class ModelConfig:
             raise bad("attention_impl", self.attention_impl, "'xla' or 'cudnn'")
         if self.causal_size < 1:
             raise bad("experimental.causal_size", self.causal_size, ">= 1")
+        if self.tokenizer not in ("bpe", "naive"):
+            raise bad("tokenizer", self.tokenizer, "'bpe' or 'naive'")
+        if self.codec not in ("encodec", "vocos", "dac"):
+            raise bad("codec", self.codec, "'encodec', 'vocos' or 'dac'")
         if self.retnet_mode not in ("parallel", "chunkwise", "recurrent"):
             raise bad("retnet_mode", self.retnet_mode, "parallel, chunkwise or recurrent")
         return self

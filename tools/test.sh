@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: set up (idempotent), then run the whole suite, slow tests included.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash tools/setup.sh
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
+exit "$rc"
