@@ -256,9 +256,13 @@ class VALLE(nn.Module):
         return x.astype(cfg.dtype), lay
 
     # ----- backbone and heads -----
+    def embed_ar_tokens(self, tokens_BC: Array) -> Array:
+        """Embedding of newly generated level-0 tokens (AR table R_0, which holds the stop row)."""
+        return self.resps_emb(0, tokens_BC).astype(self.cfg.dtype)
+
     def backbone(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, cache: Any = None, deterministic: bool = True, **kw):
-        return self.model(x_BSD, positions_BS, valid_BS, cache, deterministic=deterministic, **kw) if self.cfg.arch_type == "llama" \
-            else self.model(x_BSD, positions_BS, valid_BS, cache, **kw)  # fmt: skip
+        """Hidden states [B, S, D]; with `cache` (KV cache or retention state) the rows extend each item's prefix."""
+        return self.model(x_BSD, positions_BS, valid_BS, cache, deterministic=deterministic, **kw)
 
     def logits(self, h_BSD: Array, level_B: Array) -> Array:
         """Float32 logits [B, S, V]; split heads choose each item's head by its target level."""
