@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, help="attention heads when they cannot be found (default: fixtures.json beside the file, else dim/64)")
     ap.add_argument("--tol", type=float, default=2e-5, help="max abs logit difference accepted when the inputs hold reference logits")
     ap.add_argument("--greedy", action="store_true", help="also write ar_greedy, ar_greedy_raw, nar_greedy")
-    ap.add_argument("--max-steps", type=int, help="AR steps for --greedy (default: the fixture manifest, else 26)")
+    ap.add_argument("--max-steps", type=int, help="AR steps for --greedy (default: fixtures.json beside the inputs, else 26)")
     ap.add_argument("--loss", action="store_true", help="also write the loss_* values of the inputs' loss batches")
     args = ap.parse_args(argv)
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         from valle_jax import parity_modes
 
         if args.greedy:
-            out.update(parity_modes.greedy_outputs(cfg, params, inputs, args.max_steps))
+            steps = args.max_steps or parity_modes.manifest_max_steps(args.inputs)
+            out.update(parity_modes.greedy_outputs(cfg, params, inputs, steps))
         if args.loss:
             out.update(parity_modes.loss_outputs(cfg, params, inputs))
 
@@ -98,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             diff = float(np.abs(value - ref).max()) if ref.shape == value.shape else float("inf")
             report[key] = diff
             worst = max(worst, diff)
+        elif key in inputs and key.startswith("loss_"):  # loss scalars: 1e-5 relative, NaN where the reference has NaN
+            same = np.allclose(value, inputs[key], rtol=1e-5, atol=0, equal_nan=True)
+            report[key] = "equal" if same else f"DIFFERENT ({float(value)} vs {float(inputs[key])})"
         elif key in inputs:
-            report[key] = "equal" if np.array_equal(np.asarray(value), inputs[key], equal_nan=True) else "DIFFERENT"
+            report[key] = "equal" if np.array_equal(np.asarray(value), inputs[key]) else "DIFFERENT"
     print(json.dumps({"checkpoint": args.checkpoint, "levels": levels, "written": sorted(out), "compared": report}))
-    failed = worst > args.tol or any(v == "DIFFERENT" for v in report.values())
+    failed = worst > args.tol or any(str(v).startswith("DIFFERENT") for v in report.values())
     return 1 if failed else 0
 
 

@@ -74,6 +74,23 @@ def sequence_length(cfg: ModelConfig, batch: Batch) -> int:
     return batch.text.shape[1] + batch.prom.shape[1] + batch.resp.shape[1] + (4 if cfg.has_rvq_token else 2)
 
 
+SEGMENTS_V5 = ("text", "rvq", "prom", "resp")
+SEGMENTS_V2 = ("text", "prom", "resp")
+
+
+def segment_names(cfg: ModelConfig) -> tuple[str, ...]:
+    return SEGMENTS_V5 if cfg.has_rvq_token else SEGMENTS_V2
+
+
+def segment_lengths(cfg: ModelConfig, batch: Batch) -> tuple[list[Array], list[Array]]:
+    """Per segment (in `segment_names` order): length [B] and whether a separator follows it [B]."""
+    B = batch.text.shape[0]
+    yes = jnp.ones((B,), bool)
+    lengths = [batch.text_len] + ([jnp.ones((B,), jnp.int32)] if cfg.has_rvq_token else []) + [batch.prom_len, batch.resp_len]
+    has_sep = [yes] + ([yes] if cfg.has_rvq_token else []) + [batch.prom_len > 0, ~yes]  # a missing prompt drops its sep
+    return lengths, has_sep
+
+
 def layout(cfg: ModelConfig, lengths: list[Array], has_sep: list[Array], n_rows: int) -> tuple[Layout, Array, Array, Array]:
     """Segment index and offset of every row. A separator follows every present, non-final segment.
 
@@ -145,7 +162,9 @@ class AudioTables(nn.Module):
         self.embeddings = [_embed_table(r, self.cfg.d_model, self.cfg, f"embeddings_{k}") for k, r in enumerate(self.rows)]
 
     def __call__(self, k: int, codes: Array) -> Array:
-        return self.embeddings[k](codes)
+        # Clamp: a column whose weight is 0 may hold ids of another table (the stop token 1024 in column 0 of a
+        # training batch), and an out-of-range gather would give NaN, and NaN * 0 = NaN.
+        return self.embeddings[k](jnp.minimum(codes, self.rows[k] - 1))
 
 
 class Classifiers(nn.Module):
@@ -240,22 +259,19 @@ class VALLE(nn.Module):
         cfg = self.cfg
         n_rows = n_rows or sequence_length(cfg, batch)
         B = batch.text.shape[0]
-        one = jnp.ones((B,), jnp.int32)
-        yes = jnp.ones((B,), bool)
-        segs = [(self.text_emb(batch.text), batch.text_len, yes)]
+        embs = [self.text_emb(batch.text)]
         if cfg.has_rvq_token:
-            segs.append((self.rvq_l_emb(batch.level)[:, None, :], one, yes))
-        segs.append((self.embed_prom(batch.prom, batch.level), batch.prom_len, batch.prom_len > 0))
-        segs.append((self.embed_resp(batch.resp, batch.level), batch.resp_len, ~yes))
-        lay, segment, offset, is_sep = layout(cfg, [s[1] for s in segs], [s[2] for s in segs], n_rows)
+            embs.append(self.rvq_l_emb(batch.level)[:, None, :])
+        embs += [self.embed_prom(batch.prom, batch.level), self.embed_resp(batch.resp, batch.level)]
+        lengths, has_sep = segment_lengths(cfg, batch)
+        lay, segment, offset, is_sep = layout(cfg, lengths, has_sep, n_rows)
         x = jnp.zeros((B, n_rows, cfg.d_model), jnp.float32)
-        for k, (emb_BND, n_B, _) in enumerate(segs):
+        for k, (emb_BND, n_B) in enumerate(zip(embs, lengths)):
             rows = jnp.take_along_axis(emb_BND, jnp.clip(offset, 0, emb_BND.shape[1] - 1)[..., None], axis=1)
             x = jnp.where(((segment == k) & (offset < n_B[:, None]))[..., None], rows.astype(jnp.float32), x)
         x = jnp.where(is_sep[..., None], self.sep.astype(jnp.float32), x)
         return x.astype(cfg.dtype), lay
 
-    # ----- backbone and heads -----
     def embed_ar_tokens(self, tokens_BC: Array) -> Array:
         """Embedding of newly generated level-0 tokens (AR table R_0, which holds the stop row)."""
         return self.resps_emb(0, tokens_BC).astype(self.cfg.dtype)
