@@ -342,3 +342,146 @@ def save_yaml(cfg: ModelConfig, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training run: data, mesh, optimisation. A run YAML has `model:`, `data:`, `train:` and `mesh:` blocks.
+
+DEFAULT_AXIS_RULES: list[list[Any]] = [
+    # logical axis -> mesh axis (or list of mesh axes / None = replicated). One table, changed by config only.
+    ["batch", ["data", "fsdp"]],
+    ["embed", "fsdp"],
+    ["vocab", "tensor"],
+    ["mlp", "tensor"],
+    ["q_heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["heads", "tensor"],
+    ["kv", None],
+    ["table", None],
+    ["norm", None],
+    ["length", None],
+]
+
+
+@dataclass
+class MeshConfig:
+    """One named mesh (data, fsdp, tensor); -1 = fill with the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    axis_rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_AXIS_RULES])
+
+
+@dataclass
+class DataConfig:
+    """A prepared dataset (python -m valle_jax.prepare) and how batches are drawn from it."""
+
+    path: str = "data/demo"  # directory with the shards and metadata written by `prepare`
+    eval_path: str | None = None  # default: the held-out split inside `path`
+    batch_tokens: int = 8192  # token budget per batch (rows of the assembled sequences, padding included)
+    max_batch: int = 64
+    length_buckets: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # static sequence lengths
+    prompt_duration_range: list[float] = field(default_factory=lambda: [3.0, 6.0])  # seconds (spec 8.5)
+    max_prompts: int = 1
+    frames_per_second: int = 75
+    min_duration: float = 0.5  # seconds of audio
+    max_duration: float = 20.0
+    seed: int = 0
+    num_workers: int = 0  # grain worker processes (0 = in-process)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    init_from: str | None = None  # a model directory or a reference .sft/.pth to fine-tune from
+    optimizer: str = "adamw"  # "adamw" | "prodigy"
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"  # "cosine" | "constant"
+    warmup_steps: int = 100
+    end_learning_rate_fraction: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint policies by name)
+    compute_dtype: str = "bfloat16"  # model compute dtype on accelerators; float32 master weights
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 4
+    eval_samples: int = 2  # utterances synthesized at each eval and written under run_dir/samples
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row
+    export_dtype: str = "bfloat16"
+    coordinator_address: str | None = None  # jax.distributed: explicit multi-process start
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "Config":
+        unknown = sorted(set(data) - {"model", "data", "train", "mesh"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (expected model, data, train, mesh)")
+        out = cls(model=ModelConfig.from_dict(data.get("model") or {}, where=f"{where}: model"))
+        for name, klass in (("data", DataConfig), ("train", TrainConfig), ("mesh", MeshConfig)):
+            block = data.get(name) or {}
+            known = {f.name for f in fields(klass)}
+            bad = sorted(set(block) - known)
+            if bad:
+                raise ConfigError(f"{where}: {name}: unknown field(s) {', '.join(bad)}")
+            setattr(out, name, klass(**block))
+        out.model.validate()
+        return out
+
+    def override(self, assignments: list[str]) -> "Config":
+        """`section.key=value` (section one of model/data/train/mesh; a bare key means model.key)."""
+        data = self.to_dict()
+        for text in assignments:
+            key, value = _split_assignment(text)
+            parts = key.split(".")
+            if parts[0] not in data:
+                parts = ["model"] + parts
+            node = data
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"override {key!r}: {p!r} is not a config section")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}")
+            node[parts[-1]] = value
+        return Config.from_dict(data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run YAML (model/data/train/mesh blocks) plus `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    cfg = Config.from_dict(data, where=str(path))
+    return cfg.override(overrides or [])
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

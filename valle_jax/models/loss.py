@@ -35,7 +35,8 @@ def level_distribution(cfg: ModelConfig) -> list[int]:
 
 
 def training_batch(cfg: ModelConfig, items: list[dict], levels: list[int], pad_to: dict[str, int] | None = None) -> Batch:
-    """Host-side: items {"text" [T], "prom" [P, Q], "resp" [R, Q]} at the given levels -> a padded training Batch."""
+    """Host-side: items {"text" [T], "prom" [P, Q], "resp" [R, Q]} at the given levels -> a padded training Batch
+    of numpy arrays (the input pipeline's output; `pad_to` gives static bucket sizes)."""
     pad_to = pad_to or {}
     B, Q = len(items), cfg.resp_levels
     T = max([len(it["text"]) for it in items] + [pad_to.get("text", 0)])
@@ -54,7 +55,7 @@ def training_batch(cfg: ModelConfig, items: list[dict], levels: list[int], pad_t
         if level == 0:  # one stop token, even when causal_size > 1 (5.1)
             resp[i, len(r), 0] = cfg.stop_token
             rl[i] += 1
-    return Batch(*(jnp.asarray(a) for a in (text, tl, prom, pl, resp, rl, np.asarray(levels, np.int32))))
+    return Batch(text, tl, prom, pl, resp, rl, np.asarray(levels, np.int32))
 
 
 def targets(cfg: ModelConfig, batch: Batch, n_rows: int) -> tuple[Array, Array, Array, Array]:
