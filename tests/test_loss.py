@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import LLAMA_VARIANTS, VARIANTS, fixture_paths
+from conftest import ALL_VARIANTS, VARIANTS, fixture_paths
 from valle_jax.config import ModelConfig
 from valle_jax.convert import load_any
 from valle_jax.models import loss as L
@@ -24,7 +24,7 @@ def _check(got: float, want: float, what: str):
         assert abs(got - want) <= RTOL * abs(want), f"{what}: {got} vs {want}"
 
 
-@pytest.mark.parametrize("name", LLAMA_VARIANTS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_losses_match_reference(name):
     ckpt, npz = fixture_paths(name)
     inputs = dict(np.load(npz))
