@@ -22,7 +22,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing requirements (torch pinned to the CPU build)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
+  .venv/bin/python -m pip install -q --no-deps descript-audio-codec==1.0.0 descript-audiotools==0.7.2
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
+.venv/bin/python -m valle_jax.codec.torchaudio_fix >/dev/null  # every time: a reinstall restores the CUDA-linked files
+.venv/bin/python -c "import encodec, vocos, dac" || { echo "[setup] codec packages do not import"; exit 1; }
 .venv/bin/python -c "import jax, flax, torch, valle_jax; print(f'[setup] ok: jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__}')"
