@@ -389,6 +389,7 @@ class DataConfig:
     max_duration: float = 20.0
     seed: int = 0
     num_workers: int = 0  # grain worker processes (0 = in-process)
+    batch_multiple: int = 1  # global batch sizes are multiples of lcm(this, process count), e.g. the data-parallel size
 
 
 @dataclass

@@ -48,6 +48,7 @@ class DecodeState(NamedTuple):
     params: sampling.SamplingParams  # per-slot sampler settings
     mu: Array  # [B] mirostat state
     beam: Array  # [B] beam scores
+    finite: Array  # [B] every logit the slot sampled from was finite (NaN weights/activations are reported)
 
 
 def bucket(n: int, buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)) -> int:
@@ -109,7 +110,8 @@ def empty_state(cfg: ModelConfig, slots: int, max_tokens: int, cache_len: int) -
     zeros = jnp.zeros((slots,), jnp.int32)
     return DecodeState(init_cache(cfg, slots, cache_len), jnp.zeros((slots, C, V), jnp.float32),
                        jnp.zeros((slots, N), jnp.int32), zeros, jnp.zeros((slots,), bool), zeros, zeros,
-                       params, sampling.init_mirostat_mu(params), sampling.init_beam_scores(slots))  # fmt: skip
+                       params, sampling.init_mirostat_mu(params), sampling.init_beam_scores(slots),
+                       jnp.ones((slots,), bool))  # fmt: skip
 
 
 def prefill(cfg: ModelConfig, params: dict, batch: Batch, cache_len: int) -> tuple[Any, Array, Array]:
@@ -141,6 +143,7 @@ def insert(state: DecodeState, slots: Array, cache: Any, logits: Array, resp_sta
         params=jax.tree.map(put, state.params, params),
         mu=put(state.mu, sampling.init_mirostat_mu(params)),
         beam=put(state.beam, sampling.init_beam_scores(slots.shape[0])),
+        finite=put(state.finite, jnp.ones(slots.shape, bool)),
     )
 
 
@@ -172,8 +175,9 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, key: Array, max_i
         h, cache = model.apply({"params": params}, x, pos.astype(jnp.int32), jnp.broadcast_to(active[:, None], (B, C)),
                                s.cache, method=VALLE.backbone, **_step_kw(cfg))  # fmt: skip
         logits = jnp.where(active[:, None, None], _ar_logits(model, params, h), s.logits)
+        finite = s.finite & ~(s.active & ~jnp.isfinite(s.logits).all(axis=(1, 2)))
         s = s._replace(cache=cache, logits=logits, tokens=tokens, count=count, active=active,
-                       mu=jnp.where(s.active, out.mirostat_mu, s.mu), beam=out.beam_scores)  # fmt: skip
+                       mu=jnp.where(s.active, out.mirostat_mu, s.mu), beam=out.beam_scores, finite=finite)  # fmt: skip
         return i + 1, s, key
 
     _, state, key = jax.lax.while_loop(cond, body, (jnp.int32(0), state, key))
@@ -343,7 +347,8 @@ class ARScheduler:
             self.owner[s] = item_id
 
     def run(self):
-        """Yield (item_id, raw tokens [n_raw], tokens before the stop [length]) as items finish."""
+        """Yield (item_id, raw tokens [n_raw], tokens before the stop [length], finite) as items finish;
+        finite is False when the item's logits held NaN/inf."""
         stop = self.cfg.stop_token
         while self.queue or any(o is not None for o in self.owner):
             self._refill()
@@ -353,9 +358,9 @@ class ARScheduler:
             done = [i for i, o in enumerate(self.owner) if o is not None and not active[i]]
             if not done:
                 continue
-            tokens, count = np.asarray(self.state.tokens), np.asarray(self.state.count)
+            tokens, count, finite = (np.asarray(a) for a in (self.state.tokens, self.state.count, self.state.finite))
             for i in done:
                 raw = tokens[i, : count[i]]
                 hits = np.nonzero(raw == stop)[0]
-                yield self.owner[i], raw, raw[: hits[0]] if len(hits) else raw
+                yield self.owner[i], raw, raw[: hits[0]] if len(hits) else raw, bool(finite[i])
                 self.owner[i] = None

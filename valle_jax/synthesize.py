@@ -248,6 +248,10 @@ def _sampler_settings(args: argparse.Namespace, item: dict, keys: dict[str, str]
     return out
 
 
+def _item_id(n: int, item: dict | None) -> str:
+    return str(item.get("id", f"line{n}")) if item else f"line{n}"
+
+
 def run_job(args: argparse.Namespace, items: list[tuple[int, dict | None, str | None]], out_dir: Path) -> dict:
     """Synthesize every item not yet finished; returns counts."""
     import jax
@@ -261,23 +265,25 @@ def run_job(args: argparse.Namespace, items: list[tuple[int, dict | None, str | 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done = finished_ids(out_dir)
+    counts = {"ok": 0, "error": 0, "skipped": 0}
+    todo = [(n, item, error) for n, item, error in items if _item_id(n, item) not in done]
+    counts["skipped"] = len(items) - len(todo)
+    if not todo:
+        return counts
+    items = todo
     syn = Synthesizer(args)
     cfg = syn.cfg
     codec_kw = {"random_seed": args.random_codec} if args.random_codec is not None else {
         "weights": args.codec_weights, "encodec_weights": args.encodec_weights}  # fmt: skip
     if args.random_codec is not None:
         print(f"WARNING: using a RANDOM {syn.codec_kind} codec (seed {args.random_codec}): the audio is not speech", file=sys.stderr)
-    counts = {"ok": 0, "error": 0, "skipped": 0}
     seen: set[str] = set()
     with CodecClient(syn.codec_kind, **codec_kw) as codec:
         # 1. inputs (front end + prompt encoding); bad items are recorded now
         lines: list[Line] = []
         pending: dict[str, Pending] = {}
         for n, item, error in tqdm(items, desc="prepare", unit="item", disable=args.quiet):
-            item_id = str(item.get("id", f"line{n}")) if item else f"line{n}"
-            if item_id in done:
-                counts["skipped"] += 1
-                continue
+            item_id = _item_id(n, item)
             try:
                 if error:
                     raise ItemError(error)
@@ -341,7 +347,11 @@ def run_job(args: argparse.Namespace, items: list[tuple[int, dict | None, str | 
                     c = codes[j, : len(tokens)]
                     futures.append((k, codec.decode_async([np.clip(c, 0, 1023).astype(np.int16)]) if len(tokens) else None))
 
-        for k, raw, tokens in sched.run():
+        for k, raw, tokens, finite in sched.run():
+            if not finite:
+                futures.append((k, _failed(f"line {k[1]}: NaN/inf in the model's logits")))
+                bar.update(1)
+                continue
             ready.append((k, tokens))
             flush_nar(final=False)
             bar.update(1)
@@ -355,6 +365,14 @@ def run_job(args: argparse.Namespace, items: list[tuple[int, dict | None, str | 
     counts["seconds"] = round(elapsed, 3)
     counts["audio_seconds"] = round(audio_seconds, 3)
     return counts
+
+
+def _failed(message: str):
+    import concurrent.futures
+
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_exception(ItemError(message))
+    return fut
 
 
 def _collect(futures, pending, out_dir, codec, counts, syn, write_wav, wait: bool) -> None:
