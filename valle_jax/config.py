@@ -99,6 +99,12 @@ class ModelConfig:
     retnet_chunk_size: int = 512
     retnet_mode: str = "chunkwise"  # the reference's inference path; "parallel" is how it trained
 
+    def __hash__(self) -> int:
+        # Lets a config be a static argument of jax.jit (compiled programs are reused across call sites).
+        import json
+
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
     # ----- derived (spec 1.2, 1.3) -----
     @property
     def preset(self) -> tuple[int, int, int]:

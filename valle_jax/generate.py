@@ -287,6 +287,11 @@ def nar_generate(
 # ---------------------------------------------------------------------------------------------------------
 # continuous batching
 
+# Module-level compiled programs: every scheduler of a job (and of the next job) reuses them.
+_prefill_jit = jax.jit(prefill, static_argnums=(0, 3))
+_insert_jit = jax.jit(insert)
+_decode_jit = jax.jit(decode, static_argnums=(0, 4))
+
 
 class ARScheduler:
     """Continuous batching of AR decoding for jobs: when a slot's item stops, the slot takes the next item.
@@ -306,9 +311,6 @@ class ARScheduler:
         self.key = jax.random.key(seed)
         self.owner: list[Any] = [None] * slots  # the item id held by each slot
         self.queue: list[tuple[Any, dict]] = []
-        self._prefill = jax.jit(lambda p, b: prefill(cfg, p, b, self.cache_len))
-        self._insert = jax.jit(insert)
-        self._decode = jax.jit(lambda p, s, k: decode(cfg, p, s, k, self.chunk))
         self.steps = 0
 
     def submit(self, item_id: Any, text: np.ndarray, prom: np.ndarray, max_tokens: int,
@@ -336,13 +338,13 @@ class ARScheduler:
         items += [items[0]] * (n - len(items))  # bucket padding: inserted at a dropped index
         batch = make_batch(items, pad_to={"text": self.text_bucket, "prom": self.prom_bucket})
         batch = batch._replace(text=batch.text[:, : self.text_bucket], prom=batch.prom[:, : self.prom_bucket])
-        cache, logits, start = self._prefill(self.params, batch)
+        cache, logits, start = _prefill_jit(self.cfg, self.params, batch, self.cache_len)
         slots = np.full((n,), self.slots, np.int32)
         slots[: len(take)] = free[: len(take)]
         limit = np.array([t["max_tokens"] for _, t in take] + [1] * (n - len(take)), np.int32)
         sp = [t["params"] for _, t in take] + [take[0][1]["params"]] * (n - len(take))
         params = jax.tree.map(lambda *xs: jnp.concatenate(xs), *sp)
-        self.state = self._insert(self.state, jnp.asarray(slots), cache, logits, start, jnp.asarray(limit), params)
+        self.state = _insert_jit(self.state, jnp.asarray(slots), cache, logits, start, jnp.asarray(limit), params)
         for (item_id, _), s in zip(take, free):
             self.owner[s] = item_id
 
@@ -352,7 +354,7 @@ class ARScheduler:
         stop = self.cfg.stop_token
         while self.queue or any(o is not None for o in self.owner):
             self._refill()
-            self.state, self.key = self._decode(self.params, self.state, self.key)
+            self.state, self.key = _decode_jit(self.cfg, self.params, self.state, self.key, self.chunk)
             self.steps += self.chunk
             active = np.asarray(self.state.active)
             done = [i for i, o in enumerate(self.owner) if o is not None and not active[i]]
