@@ -22,8 +22,8 @@ def test_api_logits_match_reference(name):
     assert cfg.n_heads == VARIANTS[name]["dims"]["heads"]
     model = VALLE(cfg)
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b))
-    for level in VARIANTS[name]["logits_levels"]:
-        batch = make_batch([{"text": ref["text"], "prom": ref["prom"], "resp": ref["resp"][:, : max(level, 1)], "level": level}])
+    for level in VARIANTS[name]["logits_levels"]:  # levels >= 2 with all columns given (one compile; unread ones weigh 0)
+        batch = make_batch([{"text": ref["text"], "prom": ref["prom"], "resp": ref["resp"][:, : max(level, 1)] if level in (0, 1) else ref["resp"], "level": level}])
         logits, layout = apply(params, batch)
         want = ref[f"logits_L{level}"]
         got = np.asarray(logits[0, :, : head_width(cfg, level)])

@@ -51,7 +51,9 @@ def teacher_forced_logits(cfg: ModelConfig, params: dict, text, prom, resp, leve
     for level in levels:
         if level not in model_levels(cfg):
             raise SystemExit(f"--levels: level {level} is not a level of this model (has {model_levels(cfg)})")
-        batch = make_batch([{"text": text, "prom": prom, "resp": np.asarray(resp)[:, : max(level, 1)], "level": level}])
+        # All response columns are passed: level l reads only columns < l (the others get weight 0, exactly), so
+        # one compiled program serves every level.
+        batch = make_batch([{"text": text, "prom": prom, "resp": np.asarray(resp), "level": level}])
         logits = np.asarray(apply(params, batch))[0]
         out[f"logits_L{level}"] = logits[:, : head_width(cfg, level)].astype(np.float32)
     return out
