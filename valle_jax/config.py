@@ -190,6 +190,18 @@ class ModelConfig:
         return rng[-1] if rng else self.resp_levels
 
     @property
+    def training_levels(self) -> list[int]:
+        """The multiset the reference draws one target level per training item from (spec 5.1): "auto" and
+        "equal" both give level i (hi + 1 - i) times over [lo, hi] ("equal" is broken upstream and behaves like
+        "auto"); lo = 0 for a causal model, else 1, or `rvq_level_range`. An explicit list is used as is."""
+        p = self.experimental.p_rvq_levels
+        if isinstance(p, (list, tuple)):
+            return [int(x) for x in p]
+        rng = self.experimental.rvq_level_range
+        lo, hi = (rng[0], rng[1]) if rng else ((0 if self.causal else 1), self.resp_levels - 1)
+        return [i for i in range(lo, hi + 1) for _ in range(hi + 1 - i)]
+
+    @property
     def has_rvq_token(self) -> bool:
         return self.version >= 5 and not self.experimental.interleave
 
@@ -284,16 +296,7 @@ class ModelConfig:
         items = assignments.items() if isinstance(assignments, dict) else (_split_assignment(a) for a in assignments)
         data = self.to_dict()
         for key, value in items:
-            key = key.removeprefix("model.")
-            node = data
-            parts = key.split(".")
-            for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise ConfigError(f"override {key!r}: {p!r} is not a config section")
-                node = node[p]
-            if parts[-1] not in node:
-                raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}")
-            node[parts[-1]] = value
+            _assign(data, key, key.removeprefix("model.").split("."), value)
         return ModelConfig.from_dict(data)
 
 
@@ -301,6 +304,18 @@ REFERENCE_MODEL_FIELDS = {
     "name", "version", "size", "resp_levels", "tasks", "langs", "tones", "experts", "arch_type", "training",
     "frozen_params", "attention", "dropout", "loss_factors", "capabilities", "experimental",
 }  # fmt: skip
+
+
+def _assign(data: dict, key: str, parts: list[str], value: Any) -> None:
+    """data[parts[0]]...[parts[-1]] = value, refusing unknown fields (`key` names the override in errors)."""
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a config section")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}")
+    node[parts[-1]] = value
 
 
 def _split_assignment(text: str) -> tuple[str, Any]:
@@ -461,16 +476,7 @@ class Config:
         for text in assignments:
             key, value = _split_assignment(text)
             parts = key.split(".")
-            if parts[0] not in data:
-                parts = ["model"] + parts
-            node = data
-            for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise ConfigError(f"override {key!r}: {p!r} is not a config section")
-                node = node[p]
-            if parts[-1] not in node:
-                raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}")
-            node[parts[-1]] = value
+            _assign(data, key, parts if parts[0] in data else ["model"] + parts, value)
         return Config.from_dict(data)
 
 

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from valle_jax.config import ConfigError, ModelConfig, load_yaml
+from valle_jax.fileio import atomic_write
 
 STATE_PREFIX_RENAMES = (("retnet.", "model."),)  # legacy RetNet checkpoints (spec 7.5)
 
@@ -141,19 +142,8 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    _atomic_write(path, lambda f: [f.write(struct.pack("<Q", len(raw))), f.write(raw)]
+    atomic_write(path, lambda f: [f.write(struct.pack("<Q", len(raw))), f.write(raw)]
                   + [f.write(np.ascontiguousarray(a).tobytes()) for a in tensors.values()])  # fmt: skip
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -210,7 +200,7 @@ def write_pth(path: Path, tensors: dict[str, np.ndarray], extra: dict[str, Any])
         return torch.from_numpy(a.copy())
 
     obj = {"module": {k: to_torch(a) for k, a in tensors.items()}, **extra}
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_reference(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:

@@ -8,10 +8,11 @@ Resampling to a codec's rate happens inside the codec sidecar, as the reference 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from valle_jax.fileio import atomic_write
 
 __all__ = ["AudioFileError", "read_audio", "write_wav", "to_mono"]
 
@@ -72,18 +73,5 @@ def write_wav(
     if subtype.upper().startswith("PCM"):
         wav = np.clip(wav, -1.0, 1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, wav, int(sample_rate), subtype=subtype, format="WAV")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: sf.write(f, wav, int(sample_rate), subtype=subtype, format="WAV"))
     return path

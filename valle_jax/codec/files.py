@@ -17,11 +17,12 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from valle_jax.fileio import atomic_write
 
 __all__ = ["CodecFileError", "read_codes", "write_codes", "CODE_FILE_SUFFIXES"]
 
@@ -156,19 +157,5 @@ def write_codes(
 
     buf = io.BytesIO()
     np.save(buf, payload, allow_pickle=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
     return path

@@ -45,15 +45,8 @@ PAD_MULTIPLE = 8
 
 
 def level_distribution(model_cfg) -> list[int]:
-    """The multiset of RVQ levels the reference draws one level per item from (5.1): level i appears
-    (hi + 1 - i) times over [lo, hi] (lo = 0 with "ar", else 1); an explicit `p_rvq_levels` list is used as is.
-    (Same rule as valle_jax.models.loss.level_distribution; data never imports models.)"""
-    p = model_cfg.experimental.p_rvq_levels
-    if isinstance(p, (list, tuple)):
-        return [int(x) for x in p]
-    rng = model_cfg.experimental.rvq_level_range
-    lo, hi = (rng[0], rng[1]) if rng else ((0 if model_cfg.causal else 1), model_cfg.resp_levels - 1)
-    return [i for i in range(lo, hi + 1) for _ in range(hi + 1 - i)]
+    """The levels training items are drawn from (spec 5.1); one home: `ModelConfig.training_levels`."""
+    return model_cfg.training_levels
 
 
 def extra_rows(model_cfg) -> int:

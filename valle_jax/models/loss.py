@@ -24,14 +24,8 @@ IGNORE = -100
 
 
 def level_distribution(cfg: ModelConfig) -> list[int]:
-    """The multiset the reference draws one level per item from (5.1). "auto" and "equal" both give level i
-    (hi + 1 - i) times ("equal" is broken upstream and behaves like "auto"); an explicit list is used as is."""
-    p = cfg.experimental.p_rvq_levels
-    if isinstance(p, (list, tuple)):
-        return [int(x) for x in p]
-    rng = cfg.experimental.rvq_level_range
-    lo, hi = (rng[0], rng[1]) if rng else ((0 if cfg.causal else 1), cfg.resp_levels - 1)
-    return [i for i in range(lo, hi + 1) for _ in range(hi + 1 - i)]
+    """The levels training items are drawn from (5.1); see `ModelConfig.training_levels`."""
+    return cfg.training_levels
 
 
 def training_batch(cfg: ModelConfig, items: list[dict], levels: list[int], pad_to: dict[str, int] | None = None) -> Batch:
