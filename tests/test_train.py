@@ -1,0 +1,250 @@
+"""`python -m valle_jax.train` as a user runs it (subprocesses, one CPU device each, tiny config, synthetic data):
+SIGKILL at a random step + resume == an uninterrupted run, bit for bit; SIGTERM saves and exits 0; NaN steps are
+skipped, counted, and K in a row stop the run; keep-last-N; a half-written or unreadable newest checkpoint is
+passed over. The subprocesses share a persistent compilation cache, so only the first one compiles."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from valle_jax.checkpoint import load_model_dir
+from valle_jax.config import TrainConfig, load_config
+from valle_jax.train_state import make_schedule, schedule_value
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "train-tiny.yaml"
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.update({
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
+    })  # fmt: skip
+    e.pop("VALLE_JAX_TEST_NAN_STEPS", None)
+    return e
+
+
+def start(run_dir: Path, env: dict, *overrides: str, extra_env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "valle_jax.train", "--config", str(CONFIG), f"train.run_dir={run_dir}",
+           "train.log_every=1", *overrides]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"train run timed out after {timeout}s:\n{out[-4000:]}")
+    return out
+
+
+def run(run_dir: Path, env: dict, *overrides: str, extra_env: dict | None = None) -> tuple[int, str]:
+    proc = start(run_dir, env, *overrides, extra_env=extra_env)
+    out = finish(proc)
+    return proc.returncode, out
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = TIMEOUT) -> None:
+    t0 = time.time()
+    while logged_step(run_dir) < step:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {step}:\n{proc.stdout.read()[-4000:]}")
+        if time.time() - t0 > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"run did not reach step {step} in {timeout}s")
+        time.sleep(0.05)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    d = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [k for k, _ in la] == [k for k, _ in lb]
+    for (k, x), (_, y) in zip(la, lb):
+        assert x.dtype == y.dtype and np.array_equal(x, y), f"{jax.tree_util.keystr(k)} differs (max {np.max(np.abs(x - y))})"
+
+
+STEPS = 40
+# a constant schedule: the compiled step does not depend on train.steps, so every run here shares one program
+COMMON = ("train.schedule=constant", f"train.steps={STEPS}", "train.save_every=7", "train.keep_checkpoints=3", "train.eval_every=20", "train.eval_batches=1")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tmp_path, env):
+    # uninterrupted reference run
+    ref_dir = tmp_path / "ref"
+    rc, out = run(ref_dir, env, *COMMON)
+    assert rc == 0, out[-4000:]
+    assert "done: 40 steps" in out
+    # keep-last-N: saves at 7, 14, ..., 35 and the final 40; three kept
+    assert checkpoint_steps(ref_dir) == [28, 35, 40]
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "model/config.yaml", "model.sft"):
+        assert (ref_dir / name).exists(), name
+    assert list((ref_dir / "tensorboard").iterdir())
+    records = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_recs] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records if r["split"] == "eval"] == [20, 40]
+    assert all(r["skipped"] == 0 and np.isfinite(r["loss"]) for r in train_recs)
+    assert any(k.startswith("loss_L") for k in train_recs[-1]) and "tokens_per_s" in train_recs[-1]
+
+    # the same run, SIGKILLed at a random step after its first checkpoint, then resumed
+    run_dir = tmp_path / "killed"
+    kill_after = random.Random().randint(8, 30)
+    proc = start(run_dir, env, *COMMON)
+    wait_for_step(proc, run_dir, kill_after)
+    t0 = time.time()
+    while not checkpoint_steps(run_dir) and proc.poll() is None and time.time() - t0 < 60:  # a complete one exists
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    saved = checkpoint_steps(run_dir)
+    assert saved and saved[-1] < STEPS and not (run_dir / "model").exists(), (kill_after, saved)
+    # a half-written newer checkpoint (orbax's temporary directory) and an unreadable newer step are passed over
+    latest = saved[-1]
+    (run_dir / "checkpoints" / f"{latest + 2}.orbax-checkpoint-tmp-1234567" / "state").mkdir(parents=True)
+    bogus = run_dir / "checkpoints" / str(latest + 1)
+    bogus.mkdir()
+    (bogus / "_CHECKPOINT_METADATA").write_text("{not json")
+
+    rc, out = run(run_dir, env, *COMMON)
+    assert rc == 0, out[-4000:]
+    assert f"resumed from checkpoint {latest}" in out, (kill_after, saved, out[-3000:])
+    assert "could not be restored" in out
+    assert checkpoint_steps(run_dir) == [28, 35, 40]
+    assert not any("orbax-checkpoint-tmp" in p.name for p in (run_dir / "checkpoints").iterdir())
+    _, ref_params, _ = load_model_dir(ref_dir / "model")
+    _, params, _ = load_model_dir(run_dir / "model")
+    assert_same_params(ref_params, params)
+    # the resumed log has each step once (lines a killed run wrote after its checkpoint are dropped)
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
+    run_dir = tmp_path / "term"
+    proc = start(run_dir, env, "train.schedule=constant", "train.steps=100000", "train.save_every=1000", "train.eval_every=0")
+    wait_for_step(proc, run_dir, 5)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    saved = checkpoint_steps(run_dir)
+    assert len(saved) == 1 and 5 <= saved[0] < 1000, saved
+    assert f"SIGTERM: checkpoint {saved[0]} saved" in out
+    assert not (run_dir / "model").exists()
+
+
+def saved_state(run_dir: Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return jax.tree.map(np.asarray, ckptr.restore(run_dir / "checkpoints" / str(step) / "state"))
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, env):
+    run_dir = tmp_path / "nan"
+    rc, out = run(run_dir, env, "train.schedule=constant", "train.steps=50", "train.max_bad_steps=3", "train.eval_every=0",
+                  "train.save_every=1", "train.keep_checkpoints=0", extra_env={"VALLE_JAX_TEST_NAN_STEPS": "3,6,7,8"})  # fmt: skip
+    assert rc == 3, out[-4000:]
+    assert "step 3: loss nan" in out and "update skipped (1 in a row, 1 in total)" in out
+    assert "update skipped (3 in a row, 4 in total)" in out
+    assert "training diverged: 3 steps in a row (train.max_bad_steps = 3)" in out
+    recs = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert recs[2]["skipped"] == 0 and recs[3]["skipped"] == 1 and recs[4]["skipped"] == 1 and recs[8]["skipped"] == 4
+    assert max(recs) == 9  # stopped right after the 3rd bad step in a row (metrics are read one step behind)
+    assert checkpoint_steps(run_dir) == list(range(1, 10)) and not (run_dir / "model").exists()
+    # a skipped step leaves params and optimizer state exactly as they were; a good one changes them
+    s = {k: saved_state(run_dir, k) for k in (2, 3, 4, 5, 8)}
+    assert [int(s[k]["step"]) for k in s] == [2, 3, 4, 5, 8]
+    assert [int(s[k]["skipped"]) for k in s] == [0, 1, 1, 1, 4] and int(s[8]["bad_steps"]) == 3
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+    for a, b in ((2, 3), (5, 8)):
+        assert same(s[a]["params"], s[b]["params"]) and same(s[a]["opt_state"], s[b]["opt_state"]), (a, b)
+    assert not same(s[3]["params"], s[4]["params"])
+
+
+@pytest.mark.parametrize("kw", [dict(schedule="cosine", warmup_steps=10, steps=100), dict(schedule="constant", warmup_steps=10),
+                                dict(schedule="cosine", warmup_steps=0, steps=50, end_learning_rate_fraction=0.0)])
+def test_logged_learning_rate_is_the_optimizer_schedule(kw):
+    t = TrainConfig(**kw)
+    sched = make_schedule(t)
+    for step in range(0, 130, 7):
+        assert abs(float(sched(step)) - schedule_value(t, step)) < 1e-9
+
+
+@pytest.mark.slow
+def test_fine_tune_from_reference_checkpoint_and_export(tmp_path, env):
+    """train.init_from a reference .sft: the model comes from the checkpoint, a few steps change the weights,
+    and the export has the source's keys (in order), shapes and metadata."""
+    from valle_jax.convert import read_safetensors
+
+    src = ROOT / "tests" / "fixtures" / "llama_v5_split_nosums_nonunified.sft"
+    run_dir = tmp_path / "ft"
+    rc, out = run(run_dir, env, f"train.init_from={src}", "train.steps=3", "train.eval_every=0", "train.save_every=100")
+    assert rc == 0, out[-4000:]
+    assert f"started from {src}" in out
+    ref_tensors, ref_meta = read_safetensors(src)
+    tensors, meta = read_safetensors(run_dir / "model.sft")
+    assert list(tensors) == list(ref_tensors) and meta == ref_meta
+    assert all(tensors[k].shape == ref_tensors[k].shape for k in tensors)
+    changed = [k for k in tensors if not np.allclose(tensors[k].astype(np.float32), ref_tensors[k].astype(np.float32))]
+    assert any("layers" in k for k in changed)
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.model.experimental.split_classifiers and not saved.model.experimental.audio_embedding_sums
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_optimizers_with_warmup_schedule_minimise_a_toy_loss(optimizer):
+    """The configured optimizer chain (clipping, warmup, AdamW or Prodigy) takes finite steps from the first one
+    (Prodigy cannot take a zero learning rate, so warmup starts above 0)."""
+    import jax.numpy as jnp
+    import optax
+
+    from valle_jax.train_state import make_optimizer
+
+    t = TrainConfig(optimizer=optimizer, learning_rate=1.0 if optimizer == "prodigy" else 0.2, warmup_steps=5,
+                    steps=60, weight_decay=0.0)  # fmt: skip
+    tx = make_optimizer(t)
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.full((3,), 2.0)}
+    loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2) + jnp.sum((p["b"] + 1.0) ** 2)  # noqa: E731
+    @jax.jit
+    def step(params, opt):
+        updates, opt = tx.update(jax.grad(loss)(params), opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    opt, first = tx.init(params), float(loss(params))
+    for _ in range(60):
+        params, opt = step(params, opt)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    assert float(loss(params)) < 0.1 * first

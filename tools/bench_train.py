@@ -1,0 +1,237 @@
+"""Training-step throughput: one JSON line per run (tokens/s, step time, MFU, peak memory).
+
+    python tools/bench_train.py [--config configs/ar+nar-llama-8.yaml] [--batch 16] [--length 1080]
+        [--mesh data=-1,fsdp=1,tensor=1] [--dtype bfloat16] [--attention xla|cudnn] [--remat none|full|dots]
+        [--grad-accum 1] [--optimizer adamw|prodigy] [--steps 10] [--warmup 3]
+        [--peak-tflops 989 | --peak h200-measured] [section.key=value ...]
+    python tools/bench_train.py --tpu-aot v5e:2x2 [...]   # compile for a TPU topology from this machine (needs libtpu)
+
+The real train step of `python -m valle_jax.train` (valle_jax.train_state.Trainer: float32 master weights,
+AdamW, clipping, NaN guard, dropout) on synthetic batches: every item is `--length` rows (text 10%, prompt
+20%, response the rest), levels drawn as in training. Tokens/s counts every row of every item.
+
+MFU = achieved model FLOP/s / (devices x peak). Model FLOPs per token = 6 x (matmul weights touched per token:
+attention, MLP and one output head) + 12 x layers x length x dim (attention scores and values, no causal
+discount), the usual convention (PaLM appendix B). The peak is --peak-tflops, or --peak NAME from PEAK_TFLOPS,
+or guessed from the device kind (dense bf16 figures of the vendors; `h200-measured` is the 788 TFLOP/s that a
+bf16 8192^3 matmul reached on the project's H200).
+
+--tpu-aot TOPOLOGY (e.g. v5e:2x2, v4:2x2x1): lower and compile the step for that TPU slice with libtpu's
+compile-only client and report the compiled memory per chip against the chip's HBM (does it fit?); runs
+nothing. Without libtpu it prints one JSON line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+PEAK_TFLOPS = {  # dense bf16, per device
+    "h100": 989.0,
+    "h200": 989.0,
+    "h200-measured": 788.0,  # bf16 8192^3 matmul on the project's H200 (spec/stack.md)
+    "a100": 312.0,
+    "l4": 121.0,
+    "v4": 275.0,
+    "v5e": 197.0,
+    "v5p": 459.0,
+    "v6e": 918.0,
+}
+HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+
+
+def guess_peak(device_kind: str) -> float | None:
+    k = device_kind.lower()
+    for needle, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), (" l4", "l4"), ("v5 lite", "v5e"),
+                         ("v5e", "v5e"), ("v5p", "v5p"), ("v6", "v6e"), ("v4", "v4")):  # fmt: skip
+        if needle in k:
+            return PEAK_TFLOPS[name]
+    return None
+
+
+def model_flops_per_token(mcfg, length: int) -> float:
+    D, L, F = mcfg.d_model, mcfg.n_layers, mcfg.ffn_dim
+    H, K, Dh = mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+    per_layer = D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
+    head = D * max(mcfg.head_widths)
+    return 6.0 * (L * per_layer + head) + 12.0 * L * length * D
+
+
+def synthetic_items(cfg, batch: int, length: int, seed: int = 0) -> dict:
+    """A host batch whose every item fills `length` rows exactly (response bucket includes the stop row)."""
+    from valle_jax.models.loss import level_distribution, training_batch
+
+    m = cfg.model
+    extra = 4 if m.has_rvq_token else 2
+    t, p = max(2, length // 10), max(1, length // 5)
+    r = max(2, length - t - p - extra)
+    rng = np.random.default_rng(seed)
+    levels = rng.choice(np.asarray(level_distribution(m)), size=batch)
+    items = [{"text": rng.integers(1, m.text_tokens, t), "prom": rng.integers(0, m.audio_tokens, (p, m.resp_levels)),
+              "resp": rng.integers(0, m.audio_tokens, (r - 1, m.resp_levels))} for _ in range(batch)]  # fmt: skip
+    b = training_batch(m, items, [int(x) for x in levels], {"text": t, "prom": p, "resp": r})
+    return {k: np.asarray(v, np.int32) for k, v in b._asdict().items()}
+
+
+def parse_mesh(text: str):
+    from valle_jax.config import MeshConfig
+
+    mesh = MeshConfig()
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=")
+        setattr(mesh, k.strip(), int(v))
+    return mesh
+
+
+def build_config(args):
+    from valle_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.train.compute_dtype = args.dtype
+    cfg.train.remat = args.remat
+    cfg.train.grad_accum = args.grad_accum
+    cfg.train.optimizer = args.optimizer
+    cfg.train.warmup_steps = 0
+    cfg.mesh = parse_mesh(args.mesh)
+    cfg.model = cfg.model.override({"attention_impl": args.attention})
+    return cfg
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def tpu_aot(args) -> int:
+    base = {"mode": "tpu-aot", "topology": args.tpu_aot, "config": args.config, "batch": args.batch, "length": args.length}
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        emit({**base, "ok": False, "why": "libtpu is not installed here (pip install 'jax[tpu]' brings the matching "
+              "libtpu; the compile-only TPU client needs it)"})  # fmt: skip
+        return 0
+    import jax
+    from jax.experimental import topologies
+
+    from valle_jax import parallel
+    from valle_jax.models.valle import Batch
+    from valle_jax.train_state import Trainer
+
+    try:
+        topo = topologies.get_topology_desc(args.tpu_aot, "tpu")
+    except Exception as e:  # noqa: BLE001
+        emit({**base, "ok": False, "why": f"no TPU topology {args.tpu_aot!r}: {type(e).__name__}: {e}"})
+        return 1
+    devices = list(topo.devices)
+    cfg = build_config(args)
+    kind = devices[0].device_kind
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    trainer = Trainer(cfg, mesh=mesh)
+    host = synthetic_items(cfg, args.batch, args.length)
+    abstract_batch = Batch(*(jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=trainer.batch_sharding) for k in Batch._fields))
+    t0 = time.perf_counter()
+    try:
+        compiled = trainer._train_step.lower(trainer.abstract_state, abstract_batch).compile()
+    except Exception as e:  # noqa: BLE001
+        emit({**base, "ok": False, "device_kind": kind, "why": f"compile failed: {type(e).__name__}: {str(e)[:2000]}"})
+        return 1
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")  # fmt: skip
+    m = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
+    need = (m.get("argument_size_in_bytes", 0) + m.get("output_size_in_bytes", 0) - m.get("alias_size_in_bytes", 0)
+            + m.get("temp_size_in_bytes", 0) + m.get("generated_code_size_in_bytes", 0))  # fmt: skip
+    chip = next((n for n in HBM_GIB if n in args.tpu_aot.lower()), None)
+    hbm = HBM_GIB.get(chip) if chip else None
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    emit({**base, "ok": True, "device_kind": kind, "n_devices": len(devices), "mesh": dict(mesh.shape),
+          "compute_dtype": cfg.train.compute_dtype, "remat": cfg.train.remat, "params_M": round(n_params / 1e6, 2),
+          "compile_s": round(compile_s, 2), "memory_per_device_gib": round(need / 2**30, 3),
+          **{k.replace("_in_bytes", "_gib"): round(v / 2**30, 3) for k, v in m.items()},
+          "hbm_gib": hbm, "fits": (need / 2**30 < hbm) if hbm else None,
+          "model_tflops_per_step": round(model_flops_per_token(trainer.mcfg, args.length) * args.batch * args.length / 1e12, 3)})  # fmt: skip
+    return 0
+
+
+def bench(args) -> int:
+    import jax
+
+    from valle_jax import parallel
+    from valle_jax.train_state import Trainer
+
+    cfg = build_config(args)
+    trainer = Trainer(cfg)
+    host = synthetic_items(cfg, args.batch, args.length)
+    dev = jax.devices()[0]
+    state = trainer.init_state()
+    t0 = time.perf_counter()
+    state, m = trainer.train_step(state, host)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, m = trainer.train_step(state, host)
+    jax.block_until_ready(m)
+    batch = trainer.device_batch(host)  # time the compiled step alone (no host-to-device copy)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = trainer._train_step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    tokens = args.batch * args.length
+    n = jax.device_count()
+    flops_tok = model_flops_per_token(trainer.mcfg, args.length)
+    achieved = flops_tok * tokens / step_s
+    peak = args.peak_tflops or (PEAK_TFLOPS[args.peak] if args.peak else guess_peak(dev.device_kind))
+    stats = {}
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU has none
+        stats = {}
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    emit({"mode": "run", "config": args.config, "device": dev.device_kind, "platform": dev.platform, "n_devices": n,
+          "mesh": dict(trainer.mesh.shape), "batch": args.batch, "length": args.length, "compute_dtype": cfg.train.compute_dtype,
+          "attention": cfg.model.attention_impl, "remat": cfg.train.remat, "grad_accum": cfg.train.grad_accum,
+          "optimizer": cfg.train.optimizer, "params_M": round(n_params / 1e6, 2), "compile_s": round(compile_s, 2),
+          "step_time_s": round(step_s, 5), "step_time_min_s": round(min(times), 5), "tokens_per_step": tokens,
+          "tokens_per_s": round(tokens / step_s, 1), "model_gflops_per_token": round(flops_tok / 1e9, 4),
+          "tflops_per_device": round(achieved / n / 1e12, 2), "peak_tflops_per_device": peak,
+          "mfu": round(achieved / (n * peak * 1e12), 4) if peak else None,
+          "peak_memory_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if "peak_bytes_in_use" in stats else None,
+          "loss": float(m["loss"]), "finite": bool(m["finite"])})  # fmt: skip
+    del parallel
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "ar+nar-llama-8.yaml"))
+    ap.add_argument("--batch", type=int, default=16, help="global batch (items)")
+    ap.add_argument("--length", type=int, default=1080, help="rows per item")
+    ap.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "prodigy"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU")
+    ap.add_argument("--peak", choices=sorted(PEAK_TFLOPS), help="named peak (see PEAK_TFLOPS)")
+    ap.add_argument("--tpu-aot", metavar="TOPOLOGY", help="compile only, for a TPU topology such as v5e:2x2 or v4:2x2x1")
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = ap.parse_args(argv)
+    return tpu_aot(args) if args.tpu_aot else bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The train state, optimizer and the sharded train / eval steps (no I/O: `train.py` runs the loop).
+
+Train state: a plain dict pytree (what orbax saves), every leaf a global `jax.Array` laid out by the mesh:
+
+    {"step":      int32 []   steps taken (batches consumed, skipped ones included),
+     "params":    float32 master weights (the model's param tree, `models.valle.init_params`),
+     "opt_state": optax state (moments sharded like the params),
+     "bad_steps": int32 []   NaN/inf steps in a row (0 after a good step),
+     "skipped":   int32 []   NaN/inf steps in total}
+
+The optimised loss is `models.loss.loss(cfg, logits, batch, faithful_nan=False)`: the reference's joint loss
+(or its per-segment split loss with `loss_factors`), except that a segment or item with no targets
+contributes nothing instead of NaN (the reference would give NaN there and step on it). A step whose loss or
+gradient is not finite is not applied: params and optimizer state stay as they were, `bad_steps` and `skipped`
+count it, and the caller stops the run after `train.max_bad_steps` in a row.
+
+Dropout is the reference's: attention dropout with p = model.dropout in training (`deterministic=False`,
+rngs {"dropout": key}); the key is `fold_in(key(train.seed), step)`, so a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from valle_jax import parallel
+from valle_jax.config import Config, ConfigError, ModelConfig, TrainConfig
+from valle_jax.models import loss as loss_lib
+from valle_jax.models.valle import VALLE, Batch, init_params, logical_axes
+
+State = dict[str, Any]
+
+# ---------------------------------------------------------------------------------------------------------
+# remat (activation checkpointing) of the decoder layers, by policy name
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the rest
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+_REMAT_LOCK = threading.RLock()
+_REMAT_CACHE: dict[tuple[type, str], type] = {}
+
+
+@contextlib.contextmanager
+def remat_decoder_layers(policy: str, arch_type: str = "llama"):
+    """While tracing under this context, every decoder layer is built as `nn.remat(Layer, policy=...)`.
+
+    The decoder stacks construct their layer class by its module-level name (`llama.LlamaLayer`,
+    `retnet.RetNetDecoderLayer`); the wrapped class keeps the layer's name and parameter tree, so params and
+    checkpoints are unchanged. Only tracing is affected, and the original class is always put back.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ConfigError(f"train.remat = {policy!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    if policy == "none":
+        yield
+        return
+    if arch_type == "llama":
+        from valle_jax.models import llama as module
+
+        attr, static = "LlamaLayer", (7,)  # (self, h, cos_sin, mask, valid, layer_cache, index, deterministic)
+    else:
+        from valle_jax.models import retnet as module
+
+        attr, static = "RetNetDecoderLayer", (7, 8, 9)  # (self, x, sin, cos, lam, valid, state, mode, chunk, det)
+    with _REMAT_LOCK:
+        original = getattr(module, attr)
+        key = (original, policy)
+        if key not in _REMAT_CACHE:
+            _REMAT_CACHE[key] = nn.remat(original, policy=REMAT_POLICIES[policy], static_argnums=static, prevent_cse=True)
+        setattr(module, attr, _REMAT_CACHE[key])
+        try:
+            yield
+        finally:
+            setattr(module, attr, original)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimizer
+
+
+def make_schedule(t: TrainConfig) -> optax.Schedule:
+    """Linear warmup over the first `warmup_steps` updates (lr x (n+1)/warmup for update n: never 0, which
+    Prodigy's step-size estimate cannot take), then cosine decay to `learning_rate x end_learning_rate_fraction`
+    at `steps`, or constant."""
+    if t.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"train.schedule = {t.schedule!r}: expected 'cosine' or 'constant'")
+    lr, warm = float(t.learning_rate), max(int(t.warmup_steps), 0)
+    end = lr * float(t.end_learning_rate_fraction)
+    span = max(int(t.steps), warm + 1) - warm
+
+    def schedule(count):
+        c = jnp.asarray(count, jnp.float32)
+        value = jnp.float32(lr)
+        if t.schedule == "cosine":
+            frac = jnp.clip((c - warm) / span, 0.0, 1.0)
+            value = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        if warm:
+            value = value * jnp.minimum((c + 1.0) / warm, 1.0)
+        return value
+
+    return schedule
+
+
+def schedule_value(t: TrainConfig, step: int) -> float:
+    """`make_schedule(t)(step)` computed in Python (for logging without dispatching device work)."""
+    lr, warm, step = float(t.learning_rate), max(int(t.warmup_steps), 0), int(step)
+    value = lr
+    if t.schedule == "cosine":
+        end = lr * float(t.end_learning_rate_fraction)
+        span = max(int(t.steps), warm + 1) - warm
+        frac = min(max((step - warm) / span, 0.0), 1.0)
+        value = end + (lr - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if warm:
+        value *= min((step + 1) / warm, 1.0)
+    return value
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (train.grad_clip > 0), then AdamW or Prodigy over the schedule.
+
+    Prodigy (optax.contrib.prodigy) estimates the step size itself; its `learning_rate` is a multiplier of that
+    estimate (1.0 is the usual value), still shaped by the warmup/cosine schedule."""
+    schedule = make_schedule(t)
+    if t.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay))
+    elif t.optimizer == "prodigy":
+        opt = optax.contrib.prodigy(schedule, betas=(float(t.b1), float(t.b2)), weight_decay=float(t.weight_decay))
+    else:
+        raise ConfigError(f"train.optimizer = {t.optimizer!r}: expected 'adamw' or 'prodigy'")
+    if t.grad_clip and float(t.grad_clip) > 0:
+        return optax.chain(optax.clip_by_global_norm(float(t.grad_clip)), opt)
+    return opt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer's compiled functions
+
+
+def training_model_config(cfg: Config) -> ModelConfig:
+    """The model as trained: float32 master weights, compute dtype from train.compute_dtype."""
+    return dataclasses.replace(cfg.model, dtype=cfg.train.compute_dtype, param_dtype="float32")
+
+
+def batch_from_numpy(data: dict | Batch) -> Batch:
+    """A pipeline element (dict with the Batch field names) -> Batch of int32 numpy arrays."""
+    if isinstance(data, Batch):
+        return Batch(*(np.asarray(x, np.int32) for x in data))
+    missing = [k for k in Batch._fields if k not in data]
+    if missing:
+        raise ValueError(f"input batch lacks {missing} (has {sorted(data)})")
+    return Batch(*(np.asarray(data[k], np.int32) for k in Batch._fields))
+
+
+def batch_stats(cfg: ModelConfig, logits: jax.Array, batch: Batch, metrics: dict, lengths: jax.Array) -> dict:
+    """Sums over the batch (so micro-batches add up): per level l, items, item-NLL sum, top-10 hits, targets."""
+    if "item_nll" not in metrics:  # split loss: per-level figures come from the joint form (monitoring only)
+        _, metrics = loss_lib.joint_loss(cfg, logits, batch, faithful_nan=False)
+    Q = cfg.resp_levels
+    onehot = (batch.level[:, None] == jnp.arange(Q)[None, :]).astype(jnp.float32)  # [B, Q]
+    targets = metrics["item_targets"].astype(jnp.float32)
+    hits = metrics["item_acc"] * targets
+    return {
+        "items": jnp.float32(batch.level.shape[0]),
+        "tokens": lengths.sum().astype(jnp.float32),
+        "padded_tokens": jnp.float32(logits.shape[0] * logits.shape[1]),
+        "hits": hits.sum(),
+        "targets": targets.sum(),
+        "level_items": onehot.sum(0),
+        "level_nll": (onehot * metrics["item_nll"][:, None]).sum(0),
+        "level_hits": (onehot * hits[:, None]).sum(0),
+        "level_targets": (onehot * targets[:, None]).sum(0),
+    }
+
+
+class Trainer:
+    """Mesh, shardings, optimizer and the jitted init / train / eval functions for one run config.
+
+    `mesh` defaults to `parallel.make_mesh(cfg.mesh)` over every device. `nan_steps` (tests only) makes the
+    loss NaN at those step numbers (as logged: the first step is 1), to exercise the skip-and-count path
+    through the real compiled step.
+    """
+
+    def __init__(self, cfg: Config, mesh: Mesh | None = None, nan_steps: tuple[int, ...] = ()):
+        self.cfg = cfg
+        self.mcfg = training_model_config(cfg)
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh)
+        self.rules = parallel.axis_rules(cfg.mesh)
+        self.model = VALLE(self.mcfg)
+        self.tx = make_optimizer(cfg.train)
+        self.schedule = make_schedule(cfg.train)
+        self.nan_steps = tuple(int(s) for s in nan_steps)
+        if cfg.train.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum = {cfg.train.grad_accum}: expected >= 1")
+        if cfg.train.remat not in REMAT_POLICIES:
+            raise ConfigError(f"train.remat = {cfg.train.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+
+        self.replicated = parallel.replicated(self.mesh)
+        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+        self.batch_divisor = parallel.batch_divisor(self.mesh, self.rules) * cfg.train.grad_accum
+        params_shapes = jax.eval_shape(lambda: init_params(self.mcfg, jax.random.key(0)))
+        self.param_sharding = parallel.param_shardings(params_shapes, logical_axes(self.mcfg), self.mesh, self.rules)
+        opt_shapes = jax.eval_shape(self.tx.init, params_shapes)
+        self.opt_sharding = parallel.like_params_shardings(opt_shapes, params_shapes, self.param_sharding, self.mesh)
+        r = self.replicated
+        self.state_sharding = {"step": r, "params": self.param_sharding, "opt_state": self.opt_sharding,
+                               "bad_steps": r, "skipped": r}  # fmt: skip
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shapes, "opt_state": opt_shapes,
+                  "bad_steps": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32)}  # fmt: skip
+        self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+        self._from_params = jax.jit(self._from_params_fn, in_shardings=(self.param_sharding,), out_shardings=self.state_sharding)
+        self._train_step = jax.jit(self._train_step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                                   out_shardings=(self.state_sharding, r), donate_argnums=(0,))  # fmt: skip
+        self._eval_step = jax.jit(self._eval_fn, in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=r)
+
+    # ----- state -----
+    def _new_state(self, params) -> State:
+        zero = jnp.zeros((), jnp.int32)
+        return {"step": zero, "params": params, "opt_state": self.tx.init(params), "bad_steps": zero, "skipped": zero}
+
+    def _init_fn(self, rng):
+        return self._new_state(init_params(self.mcfg, rng))
+
+    def _from_params_fn(self, params):
+        return self._new_state(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+
+    def init_state(self, params: dict | None = None) -> State:
+        """Fresh state from `train.seed`, or from given params (numpy, e.g. an imported reference checkpoint)."""
+        if params is None:
+            return self._init(jax.random.key(self.cfg.train.seed))
+        expected = self.abstract_state["params"]
+        if jax.tree.structure(params) != jax.tree.structure(expected):
+            raise ConfigError("init_from: the checkpoint's parameter tree does not match the model config")
+        bad = [f"{jax.tree_util.keystr(k)} {np.shape(a)} != {s.shape}"
+               for (k, a), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected))
+               if tuple(np.shape(a)) != tuple(s.shape)]  # fmt: skip
+        if bad:
+            raise ConfigError(f"init_from: parameter shapes differ from the model config: {'; '.join(bad[:5])}")
+        placed = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx, a=a: np.asarray(a, np.float32)[idx]),
+            params, expected,
+        )  # fmt: skip
+        return self._from_params(placed)
+
+    # ----- forward / loss -----
+    def _forward(self, params, batch: Batch, key, deterministic: bool):
+        with nn.logical_axis_rules(self.rules), remat_decoder_layers(self.cfg.train.remat, self.mcfg.arch_type):
+            rngs = None if deterministic else {"dropout": key}
+            logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
+        total, metrics = loss_lib.loss(self.mcfg, logits, batch, faithful_nan=False)
+        return total, batch_stats(self.mcfg, logits, batch, metrics, lay.length)
+
+    def _loss_fn(self, params, batch, key):
+        return self._forward(params, batch, key, deterministic=False)
+
+    def _grads(self, params, batch: Batch, key):
+        A = self.cfg.train.grad_accum
+        grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+        if A == 1:
+            (total, stats), grads = grad_fn(params, batch, key)
+            return total, stats, grads
+        B = batch.text.shape[0]
+        # micro-batch i = rows i, i+A, i+2A, ...: every device keeps its own rows (no data movement)
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(B // A, A, *x.shape[1:]), 0, 1), batch)
+        spec = parallel.batch_spec(self.mesh, self.rules)
+        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, P(None, *spec)))
+
+        def body(carry, xs):
+            mb, i = xs
+            (l, s), g = grad_fn(params, Batch(*mb), jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (l, s, g)), None
+
+        first = Batch(*jax.tree.map(lambda x: x[0], micro))
+        shapes = jax.eval_shape(lambda: (*grad_fn(params, first, key)[0], params))
+        zeros = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes)
+        (total, stats, grads), _ = jax.lax.scan(body, zeros, (tuple(micro), jnp.arange(A)))
+        return total / A, stats, jax.tree.map(lambda g: g / A, grads)
+
+    def _train_step_fn(self, state: State, batch: Batch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
+        total, stats, grads = self._grads(state["params"], batch, key)
+        for s in self.nan_steps:  # test hook (see class doc)
+            total = jnp.where(step + 1 == s, jnp.nan, total)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        updates, new_opt = self.tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        bad = jnp.where(finite, 0, state["bad_steps"] + 1).astype(jnp.int32)
+        new_state = {
+            "step": step + 1,
+            "params": keep(new_params, state["params"]),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "bad_steps": bad,
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {"loss": total, "grad_norm": grad_norm, "finite": finite, "bad_steps": bad,
+                   "skipped": new_state["skipped"], "step": step + 1, **stats}  # fmt: skip
+        return new_state, metrics
+
+    def _eval_fn(self, params, batch: Batch):
+        total, stats = self._forward(params, batch, None, deterministic=True)
+        return {"loss": total, **stats}
+
+    # ----- public steps -----
+    def device_batch(self, local: dict | Batch) -> Batch:
+        """This process's rows (numpy) -> the global, sharded Batch."""
+        b = batch_from_numpy(local)
+        global_rows = b.text.shape[0] * jax.process_count()
+        if global_rows % self.batch_divisor:
+            raise ConfigError(f"global batch of {global_rows} rows does not divide into {self.batch_divisor} "
+                              "(batch shards of the mesh x train.grad_accum)")  # fmt: skip
+        return parallel.global_batch(b, self.batch_sharding)
+
+    def train_step(self, state: State, local_batch: dict | Batch) -> tuple[State, dict]:
+        """One optimizer step on a host-local batch; returns (new state, metrics as device arrays). The given
+        state's buffers are donated to the new one: do not use it again."""
+        return self._train_step(state, self.device_batch(local_batch))
+
+    def eval_step(self, state: State, local_batch: dict | Batch) -> dict:
+        return self._eval_step(state["params"], self.device_batch(local_batch))
+
+    def learning_rate(self, good_steps: int) -> float:
+        """The schedule's value after `good_steps` applied updates (host-side, no device work)."""
+        return schedule_value(self.cfg.train, good_steps)
+
+
+def summarize(stats: list[dict], resp_levels: int) -> dict:
+    """Host-side: sum step statistics (numpy) -> loss/accuracy overall and per level (NaN-free: absent -> omitted)."""
+    if not stats:
+        return {}
+    tot = {k: np.sum([np.asarray(s[k], np.float64) for s in stats], axis=0) for k in stats[0] if k not in ("finite", "step", "bad_steps", "skipped")}
+    out: dict[str, float] = {}
+    if "loss" in tot:
+        losses = [float(s["loss"]) for s in stats if bool(s.get("finite", True))]
+        out["loss"] = float(np.mean(losses)) if losses else float("nan")
+    out["acc"] = float(tot["hits"] / max(tot["targets"], 1.0))
+    for lvl in range(resp_levels):
+        n = float(tot["level_items"][lvl])
+        if n > 0:
+            out[f"loss_L{lvl}"] = float(tot["level_nll"][lvl] / n)
+            out[f"acc_L{lvl}"] = float(tot["level_hits"][lvl] / max(tot["level_targets"][lvl], 1.0))
+    out["tokens"] = float(tot["tokens"])
+    out["padded_tokens"] = float(tot["padded_tokens"])
+    return out
