@@ -42,3 +42,5 @@ def test_tiny_model_learns_on_the_demo_corpus(tmp_path):
     assert evals and evals[-1]["loss"] < UNIFORM
     assert (run / "curves.png").stat().st_size > 1000
     assert (run / "model.sft").is_file() and (run / "model" / "config.yaml").is_file()
+    samples = list((run / "samples" / "60").glob("*.wav"))  # eval wrote an utterance synthesized by the model
+    assert len(samples) == 1 and samples[0].stat().st_size > 1000

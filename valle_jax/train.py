@@ -58,9 +58,20 @@ class TrainingDiverged(RuntimeError):
 
 
 def write_eval_samples(state: dict, step: int, **context: Any) -> None:
-    """Hook called at every eval (on every process, after the teacher-forced eval): synthesize a few utterances
-    under `run_dir/samples/<step>/`. Does nothing yet. `context`: cfg, model_cfg, run_dir, trainer, primary."""
-    return None
+    """Called at every eval on every process (after the teacher-forced eval): the primary process synthesizes
+    `train.eval_samples` held-out utterances under `run_dir/samples/<step>/` (valle_jax.eval_samples).
+    `context`: cfg, model_cfg, run_dir, trainer, primary."""
+    cfg = context["cfg"]
+    if cfg.train.eval_samples <= 0 or cfg.data.path == "synthetic":
+        return
+    from valle_jax import parallel
+    from valle_jax.eval_samples import write_samples
+
+    params = parallel.to_host(state["params"])  # a collective in multi-process runs: every process takes part
+    if context.get("primary", True):
+        files = write_samples(cfg, context["model_cfg"], params, Path(context["run_dir"]), step)
+        if files:
+            print(f"eval samples @ {step}: {len(files)} written to {files[0].parent}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
