@@ -318,6 +318,11 @@ def train(cfg: Config, data_fn: DataFn | None = None, nan_steps: tuple[int, ...]
 
     trainer = Trainer(cfg, nan_steps=nan_steps)
     say(f"valle_jax.train: mesh {parallel.describe(trainer.mesh)}; run dir {run_dir}")
+    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds its batch
+    # sizes to this multiple
+    multiple = math.lcm(max(1, int(cfg.data.batch_multiple)), trainer.batch_divisor)
+    if multiple != cfg.data.batch_multiple:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple))
     train_it = data_fn(cfg, "train", pi, pc)
     if latest is not None:
         step, state, _ = ckpts.restore(trainer.abstract_state, train_it)
