@@ -23,7 +23,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
   .venv/bin/python -m pip install -q --no-deps descript-audio-codec==1.0.0 descript-audiotools==0.7.2
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >/tmp/valle_jax-install.log 2>&1 \
+    || { cat /tmp/valle_jax-install.log; exit 1; }  # setuptools is chatty about editable installs
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -m valle_jax.codec.torchaudio_fix >/dev/null  # every time: a reinstall restores the CUDA-linked files

@@ -50,16 +50,13 @@ def make_batch(items: list[dict], pad_to: dict[str, int] | None = None) -> Batch
 
     def stack(key: str, width_axis: bool) -> tuple[np.ndarray, np.ndarray]:
         arrs = [np.asarray(it[key]) for it in items]
-        if width_axis:
-            arrs = [a.reshape(len(a), -1) if a.size else a.reshape(0, max(1, a.shape[-1] if a.ndim > 1 else 1)) for a in arrs]
+        if width_axis:  # codes are [frames, levels]; an empty prompt may come as shape [0] or [0, Q]
+            arrs = [a.reshape(len(a), a.shape[-1] if a.ndim == 2 else 1) for a in arrs]
         n = max([len(a) for a in arrs] + [pad_to.get(key, 0), 1])
-        q = max(a.shape[1] for a in arrs) if width_axis else None
-        out = np.zeros((len(arrs), n, q) if width_axis else (len(arrs), n), np.int32)
+        shape = (len(arrs), n, max(a.shape[1] for a in arrs)) if width_axis else (len(arrs), n)
+        out = np.zeros(shape, np.int32)
         for i, a in enumerate(arrs):
-            if width_axis:
-                out[i, : len(a), : a.shape[1]] = a
-            else:
-                out[i, : len(a)] = a
+            out[(i, slice(0, len(a))) + ((slice(0, a.shape[1]),) if width_axis else ())] = a
         return out, np.array([len(a) for a in arrs], np.int32)
 
     text, text_len = stack("text", False)
