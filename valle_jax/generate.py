@@ -99,7 +99,7 @@ def _ar_batch(batch: Batch, resp_BN: Array, resp_len_B: Array) -> Batch:
 
 
 def _ar_logits(model: VALLE, params: dict, h_BCD: Array) -> Array:
-    return model.apply({"params": params}, h_BCD, jnp.zeros((h_BCD.shape[0],), jnp.int32), method=VALLE.logits)
+    return model.apply({"params": params}, h_BCD, jnp.zeros((h_BCD.shape[0],), jnp.int32), True, method=VALLE.logits)
 
 
 def empty_state(cfg: ModelConfig, slots: int, max_tokens: int, cache_len: int) -> DecodeState:
@@ -233,7 +233,7 @@ def ar_generate_full(cfg: ModelConfig, params: dict, batch: Batch, max_steps: in
 
     def body(carry):
         i, buf, count, active, mu, key = carry
-        logits, lay = model.apply({"params": params}, _ar_batch(batch, buf, jnp.full((B,), i * C, jnp.int32)))
+        logits, lay = model.apply({"params": params}, _ar_batch(batch, buf, jnp.full((B,), i * C, jnp.int32)), uniform_level=True)
         key, sub = jax.random.split(key)
         out = sampling.sample_ar(_rows(logits, lay.length - C, C), buf, count, sp, sub, mirostat_mu=mu, stop_token=stop)
         buf = jax.lax.dynamic_update_slice(buf, out.tokens.astype(jnp.int32), (0, i * C))
@@ -274,7 +274,7 @@ def nar_generate(
     def body(level, carry):
         codes, key = carry
         lvl = jnp.full((B,), level, jnp.int32)
-        logits, lay = model.apply({"params": params}, batch._replace(resp=codes, level=lvl))
+        logits, lay = model.apply({"params": params}, batch._replace(resp=codes, level=lvl), uniform_level=True)
         key, sub = jax.random.split(key)
         tokens = sampling.sample_nar(_rows(logits, lay.resp_start, R), sp, sub)
         codes = jax.lax.dynamic_update_slice(codes, tokens[:, :, None].astype(jnp.int32), (0, 0, level))

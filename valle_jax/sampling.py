@@ -182,39 +182,13 @@ _PRESETS_NAR = {
 }
 
 
-def make_params(
-    batch_size: int,
-    *,
-    temperature=1.0,
-    min_temperature=-1.0,
-    top_k=-100,
-    top_p=1.0,
-    repetition_penalty=1.0,
-    repetition_penalty_decay=0.0,
-    length_penalty=0.0,
-    mirostat_tau=0.0,
-    mirostat_eta=0.1,
-    dry_multiplier=0.0,
-    dry_base=1.75,
-    dry_allowed_length=2,
-    beam_width: int = 0,
-    mirostat_shared: bool = True,
-) -> SamplingParams:
-    """Build ``SamplingParams``; every setting is a scalar (broadcast) or a length-``batch_size`` list."""
-    values = dict(
-        temperature=temperature,
-        min_temperature=min_temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        repetition_penalty_decay=repetition_penalty_decay,
-        length_penalty=length_penalty,
-        mirostat_tau=mirostat_tau,
-        mirostat_eta=mirostat_eta,
-        dry_multiplier=dry_multiplier,
-        dry_base=dry_base,
-        dry_allowed_length=dry_allowed_length,
-    )
+def make_params(batch_size: int, *, beam_width: int = 0, mirostat_shared: bool = True, **settings) -> SamplingParams:
+    """Build ``SamplingParams``; every setting is a scalar (broadcast) or a length-``batch_size`` list.
+    Settings not given take the ``AR_NAR.forward`` defaults (``_FORWARD_AR``); an unknown name is refused."""
+    unknown = sorted(set(settings) - set(_FLOAT_FIELDS) - set(_INT_FIELDS))
+    if unknown:
+        raise TypeError(f"make_params: unknown sampler setting(s) {unknown}")
+    values = {name: settings.get(name, _FORWARD_AR[name]) for name in (*_FLOAT_FIELDS, *_INT_FIELDS)}
     arrays = {}
     for name, v in values.items():
         dtype = jnp.int32 if name in _INT_FIELDS else jnp.float32

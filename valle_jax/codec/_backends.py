@@ -143,7 +143,22 @@ def build_encodec(weights_path: str | None, random_seed: int | None):
     return model
 
 
-class EncodecCodec:
+class _Codec:
+    """What every backend reports to the client (sent over the pipe: plain values only)."""
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "sample_rate": self.sample_rate,
+            "hop_length": self.hop_length,
+            "levels": self.levels,
+            "codebook_size": self.codebook_size,
+            "device": str(self.device),
+            "torch": str(torch.__version__),  # a str subclass that would import torch when unpickled
+        }
+
+
+class EncodecCodec(_Codec):
     kind = "encodec"
     sample_rate = 24000
     hop_length = 320
@@ -163,16 +178,6 @@ class EncodecCodec:
             )
         self.encodec.set_target_bandwidth(bandwidth)
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "sample_rate": self.sample_rate,
-            "hop_length": self.hop_length,
-            "levels": self.levels,
-            "codebook_size": self.codebook_size,
-            "device": str(self.device),
-            "torch": str(torch.__version__),  # a str subclass that would import torch when unpickled
-        }
 
     @torch.inference_mode()
     def encode(self, wav: np.ndarray, sample_rate: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -329,7 +334,7 @@ def load_dac_checkpoint(dac_class, path: str):
     return model
 
 
-class DacCodec:
+class DacCodec(_Codec):
     kind = "dac"
     codebook_size = 1024
 
@@ -344,16 +349,6 @@ class DacCodec:
         self.levels = levels
         self.batch_size = batch_size
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "sample_rate": self.sample_rate,
-            "hop_length": self.hop_length,
-            "levels": self.levels,
-            "codebook_size": self.codebook_size,
-            "device": str(self.device),
-            "torch": str(torch.__version__),  # a str subclass that would import torch when unpickled
-        }
 
     def encode(self, wav: np.ndarray, sample_rate: int) -> tuple[np.ndarray, dict[str, Any]]:
         from audiotools import AudioSignal

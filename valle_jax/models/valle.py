@@ -180,7 +180,9 @@ class Classifiers(nn.Module):
             for l, w in enumerate(cfg.l_tokens)
         ]  # fmt: skip
 
-    def __call__(self, h_BSD: Array, level_B: Array) -> Array:
+    def __call__(self, h_BSD: Array, level_B: Array, uniform_level: bool = False) -> Array:
+        """`uniform_level`: every item has level level_B[0] (generation): one head is used for the whole batch
+        instead of a per-item [B, D, V] gather of head weights (the general, mixed-level training case)."""
         widths = self.cfg.l_tokens
         V = max(widths)
         if self.is_initializing():
@@ -191,6 +193,9 @@ class Classifiers(nn.Module):
             [jnp.pad(p.variables["params"]["bias"].astype(jnp.float32), (0, V - w), constant_values=-jnp.inf)
              for p, w in zip(self.proj, widths)]
         )  # fmt: skip
+        if uniform_level:
+            logits = jnp.einsum("bsd,dv->bsv", h_BSD, kernels[level_B[0]].astype(self.cfg.dtype), preferred_element_type=jnp.float32)
+            return logits + biases[level_B[0]]
         kernel_BDV = kernels[level_B].astype(self.cfg.dtype)
         logits = jnp.einsum("bsd,bdv->bsv", h_BSD, kernel_BDV, preferred_element_type=jnp.float32)
         return logits + biases[level_B][:, None, :]
@@ -277,14 +282,17 @@ class VALLE(nn.Module):
         """Hidden states [B, S, D]; with `cache` (KV cache or retention state) the rows extend each item's prefix."""
         return self.model(x_BSD, positions_BS, valid_BS, cache, deterministic=deterministic, **kw)
 
-    def logits(self, h_BSD: Array, level_B: Array) -> Array:
-        """Float32 logits [B, S, V]; split heads choose each item's head by its target level."""
+    def logits(self, h_BSD: Array, level_B: Array, uniform_level: bool = False) -> Array:
+        """Float32 logits [B, S, V]; split heads choose each item's head by its target level
+        (`uniform_level`: all items share level_B[0], one head for the batch)."""
         if self.cfg.experimental.split_classifiers:
-            return self.classifiers(h_BSD, level_B)
+            return self.classifiers(h_BSD, level_B, uniform_level)
         return self.classifier(h_BSD).astype(jnp.float32)
 
-    def __call__(self, batch: Batch, deterministic: bool = True, n_rows: int | None = None, **backbone_kw) -> tuple[Array, Layout]:
-        """Teacher-forced pass: logits of every row (zero on padding rows, as the reference's mask)."""
+    def __call__(self, batch: Batch, deterministic: bool = True, n_rows: int | None = None, uniform_level: bool = False,
+                 **backbone_kw) -> tuple[Array, Layout]:  # fmt: skip
+        """Teacher-forced pass: logits of every row (zero on padding rows, as the reference's mask).
+        `uniform_level`: the caller guarantees every item has the same level (see `logits`)."""
         if self.is_initializing():  # tables the tts path never reads still exist in every checkpoint
             for name in ("langs_emb", "tasks_emb", "tones_emb"):
                 if hasattr(self, name):
@@ -294,7 +302,7 @@ class VALLE(nn.Module):
                 self.resps_emb(k, jnp.zeros((1,), jnp.int32))
         x, lay = self.embed(batch, n_rows)
         h, _ = self.backbone(x, lay.positions, lay.valid, None, deterministic, **backbone_kw)
-        logits = self.logits(h, batch.level)
+        logits = self.logits(h, batch.level, uniform_level)
         return jnp.where(lay.valid[..., None], logits, 0.0), lay
 
 
