@@ -28,6 +28,11 @@ def fixture_paths(name: str) -> tuple[Path, Path]:
     return FIXTURES / v["checkpoint"], FIXTURES / v["npz"]
 
 
+def heads_of(checkpoint: str | Path) -> int | None:
+    """Attention heads of a tiny fixture checkpoint (weights cannot say them; the fixtures manifest does)."""
+    return next((v["dims"]["heads"] for v in VARIANTS.values() if v["checkpoint"] == Path(checkpoint).name), None)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
 

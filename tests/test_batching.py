@@ -4,16 +4,17 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fixture_paths
+from conftest import fixture_paths, heads_of
 from valle_jax.convert import load_any
-from valle_jax.models.valle import VALLE, head_width, make_batch
+from valle_jax.layout import make_batch
+from valle_jax.models.valle import VALLE, head_width
 
 
 @pytest.mark.parametrize("name", ["llama_v5_split_sums_nonunified", "llama_v5_single_unified", "dac_llama_9"])
 def test_padded_mixed_batch_equals_items_alone(name):
     ckpt, npz = fixture_paths(name)
     ref = np.load(npz)
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     model = VALLE(cfg)
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b))
     rng = np.random.default_rng(0)

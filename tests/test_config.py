@@ -69,7 +69,7 @@ def test_reference_yaml_entry(tmp_path):
     assert cfg.experimental.audio_embedding_sums and cfg.experimental.split_classifiers
     assert not cfg.experimental.unified_position_ids and cfg.langs == 2
     assert load_yaml(ref) == cfg
-    assert load_reference_yaml(ref, "nar").capabilities == ["nar"]
+    assert load_reference_yaml(ref, "nar").capabilities == ("nar",)
     with pytest.raises(ConfigError, match="no model named 'ar'"):
         load_reference_yaml(ref, "ar")
 
@@ -80,11 +80,11 @@ def test_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="experimental.nope"):
         ModelConfig.from_dict({"experimental": {"nope": 1}})
     with pytest.raises(ConfigError, match="arch_type = 'mamba'"):
-        ModelConfig(arch_type="mamba").validate()
+        ModelConfig(arch_type="mamba")
     with pytest.raises(ConfigError, match="version = 4"):
-        ModelConfig(version=4).validate()
+        ModelConfig(version=4)
     with pytest.raises(ConfigError, match="heads"):
-        ModelConfig(dim=30, heads=4).validate()
+        ModelConfig(dim=30, heads=4)
     with pytest.raises(ConfigError, match="unknown field 'dimm'"):
         ModelConfig().override(["dimm=3"])
     assert ModelConfig().override(["experimental.causal_size=4", "dim=64"]).causal_size == 4
@@ -94,3 +94,57 @@ def test_errors_name_the_field(tmp_path):
         load_yaml(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_configs_are_frozen_hashable_and_typed():
+    import dataclasses
+
+    from valle_jax.config import AttentionImpl, CodecKind, TrainConfig, compute_dtype, load_config, runtime_config
+
+    a, b = load_yaml(CONFIGS / "tiny.yaml"), load_yaml(CONFIGS / "tiny.yaml")
+    assert a == b and hash(a) == hash(b) and a is not b  # a static jit argument: equal configs share programs
+    assert hash(a.override({"experimental.causal_size": 4})) != hash(a)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.dim = 128
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.experimental.causal_size = 2
+    assert isinstance(a.capabilities, tuple) and isinstance(a.codec, CodecKind) and a.codec == "encodec"
+    assert a.attention_impl is AttentionImpl.XLA and str(a.attention_impl) == "xla"
+    assert a.override({"dim": 128}).dim == 128 and a.dim == 64  # a new config; the old one is unchanged
+    run = load_config(ROOT / "configs" / "train-tiny.yaml")
+    assert hash(run) == hash(load_config(ROOT / "configs" / "train-tiny.yaml"))
+    assert runtime_config(a, "bfloat16", "cudnn").dtype == "bfloat16" and compute_dtype("auto") == "float32"  # CPU here
+    assert TrainConfig(optimizer="prodigy").optimizer == "prodigy"
+
+
+@pytest.mark.parametrize("build,field,allowed", [
+    (lambda: ModelConfig(codec="wav"), "model.codec = 'wav'", "encodec, vocos, dac"),
+    (lambda: ModelConfig(attention_impl="flash"), "model.attention_impl = 'flash'", "xla, cudnn"),
+    (lambda: ModelConfig(retnet_mode="fast"), "model.retnet_mode = 'fast'", "parallel, chunkwise, recurrent"),
+    (lambda: ModelConfig(tokenizer="sentencepiece"), "model.tokenizer = 'sentencepiece'", "bpe, naive"),
+    (lambda: ModelConfig(dtype="float8"), "model.dtype = 'float8'", "float32, bfloat16, float16"),
+    (lambda: ModelConfig(dropout=1.5), "model.dropout = 1.5", "<= 1.0"),
+    (lambda: ModelConfig.from_dict({"experimental": {"causal_size": 0}}), "model.experimental.causal_size = 0", ">= 1"),
+    (lambda: ModelConfig(loss_factors={"txt": 1.0}), "model.loss_factors", "text, prom, resp"),
+])  # fmt: skip
+def test_construction_validates_and_names_field_and_allowed_values(build, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert field in str(e.value) and allowed in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.steps=-3", "train.steps = -3: expected >= 0"),
+    ("train.learning_rate=-1", "train.learning_rate = -1: expected > 0.0"),
+    ("train.optimizer=sgd", "train.optimizer = 'sgd': expected one of adamw, prodigy"),
+    ("train.remat=sometimes", "train.remat = 'sometimes'"),
+    ("train.grad_accum=0", "train.grad_accum = 0: expected >= 1"),
+    ("data.length_buckets=[]", "data.length_buckets = []"),
+    ("data.batch_tokens=abc", "data.batch_tokens = 'abc': expected an integer"),
+])  # fmt: skip
+def test_run_config_blocks_validate_on_load(override, needle):
+    from valle_jax.config import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "train-tiny.yaml", [override])
+    assert needle in str(e.value), str(e.value)

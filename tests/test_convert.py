@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALL_VARIANTS, ROOT, fixture_paths
+from conftest import ALL_VARIANTS, ROOT, fixture_paths, heads_of
 from valle_jax.checkpoint import load_model_dir, save_model_dir
 from valle_jax.convert import (
     CheckpointError,
@@ -32,7 +32,7 @@ def _same_tensors(a: dict, b: dict):
 
 
 def _import(src, dst, heads=None):
-    cfg, params, reference = load_reference(src, heads=heads)
+    cfg, params, reference = load_reference(src, heads=heads or heads_of(src))
     save_model_dir(dst, cfg, params, reference)
     return cfg
 
@@ -93,10 +93,10 @@ def test_model_dir_loads_with_config(tmp_path):
 def test_cli_import_export(tmp_path):
     src, _ = fixture_paths("nar_llama_8")
     run = lambda *a: subprocess.run([sys.executable, "-m", "valle_jax.convert", *a], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
-    r = run("import", str(src), str(tmp_path / "m"))
+    r = run("import", str(src), str(tmp_path / "m"), "--heads", "2")
     assert r.returncode == 0, r.stderr
     assert "2 heads" in r.stdout
-    r = run("import", str(src), str(tmp_path / "m"))
+    r = run("import", str(src), str(tmp_path / "m"), "--heads", "2")
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run("export", str(tmp_path / "m"), str(tmp_path / "o.sft"), "--dtype", "float16")
     assert r.returncode == 0, r.stderr

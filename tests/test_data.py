@@ -7,6 +7,7 @@ start with [1, u], so every row of a batch says where it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from valle_jax.config import Config, ModelConfig
-from valle_jax.data.batching import BatchPlan, assemble, extra_rows, level_distribution, plan_buckets
+from valle_jax.config import Config, DataConfig, ModelConfig
+from valle_jax.data.batching import BatchPlan, assemble, plan_buckets
 from valle_jax.data.pipeline import DataPipeline, make_iterator
+from valle_jax.layout import extra_rows, training_batch
 from valle_jax.data.records import (
     DatasetError,
     DatasetWriter,
@@ -67,20 +69,10 @@ def dataset(tmp_path_factory) -> tuple[Path, list[Utterance]]:
     return root, write_dataset(root)
 
 
-def config(root: Path, **data) -> Config:
-    cfg = Config()
-    cfg.model = ModelConfig(resp_levels=8)
-    cfg.data.path = str(root)
-    cfg.data.length_buckets = [256, 384, 640]
-    cfg.data.batch_tokens = 4096
-    cfg.data.max_batch = 12
-    cfg.data.prompt_duration_range = [0.5, 1.5]
-    cfg.data.max_prompts = 3
-    cfg.data.min_duration = 0.2
-    cfg.data.max_duration = 30.0
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg
+def config(root: Path, model: ModelConfig | None = None, **data) -> Config:
+    settings = dict(path=str(root), length_buckets=[256, 384, 640], batch_tokens=4096, max_batch=12,
+                    prompt_duration_range=[0.5, 1.5], max_prompts=3, min_duration=0.2, max_duration=30.0)  # fmt: skip
+    return Config(model=model or ModelConfig(resp_levels=8), data=DataConfig(**{**settings, **data}))
 
 
 def take(it, n: int) -> list[dict]:
@@ -150,23 +142,10 @@ def test_writer_resumes_and_cleans_up(tmp_path):
 # ----------------------------------------------------------------------------------------------- buckets
 
 
-def test_level_distribution_matches_loss():
-    from valle_jax.models.loss import level_distribution as loss_levels
-
-    for kw in ({}, {"capabilities": ["nar"]}, {"resp_levels": 4}, {"capabilities": ["ar"], "resp_levels": 1}):
-        m = ModelConfig(**kw)
-        assert level_distribution(m) == loss_levels(m)
-    m = ModelConfig()
-    m.experimental.p_rvq_levels = [0, 0, 3]
-    assert level_distribution(m) == loss_levels(m) == [0, 0, 3]
-    assert Counter(level_distribution(ModelConfig())) == {i: 8 - i for i in range(8)}
-
-
 @pytest.mark.parametrize("version", [5, 2])
 def test_static_shapes_and_token_budget(dataset, version):
     root, utts = dataset
-    cfg = config(root)
-    cfg.model = ModelConfig(resp_levels=8, version=version, arch_type="retnet" if version == 2 else "llama")
+    cfg = config(root, ModelConfig(resp_levels=8, version=version, arch_type="retnet" if version == 2 else "llama"))
     p = DataPipeline(cfg)
     extra = extra_rows(cfg.model)
     assert extra == (4 if version == 5 else 2)
@@ -191,8 +170,8 @@ def test_static_shapes_and_token_budget(dataset, version):
 
 def test_buckets_prefer_small_rows():
     m = ModelConfig()
-    cfg = Config().data
-    cfg.length_buckets, cfg.prompt_duration_range, cfg.batch_tokens, cfg.max_batch = [200, 400], [1.0, 1.0], 1600, 64
+    cfg = DataConfig(length_buckets=[200, 400], prompt_duration_range=[1.0, 1.0], batch_tokens=1600, max_batch=64,
+                     frames_per_second=75)  # fmt: skip
     t = np.array([20, 20, 30, 60, 20])
     r = np.array([90, 80, 200, 200, 1000])
     buckets, assign = plan_buckets(t, r, m, cfg)
@@ -202,11 +181,9 @@ def test_buckets_prefer_small_rows():
 
 
 def test_assemble_matches_training_batch():
-    from valle_jax.models.loss import training_batch
-
     m = ModelConfig()
     rng = np.random.default_rng(3)
-    bucket = plan_buckets(np.array([12]), np.array([40]), m, Config().data)[0][0]
+    bucket = plan_buckets(np.array([12]), np.array([40]), m, DataConfig(frames_per_second=75))[0][0]
     items, proms, texts, resps = [], [], [], []
     for n in (20, 31, 40):
         t = rng.integers(0, 256, size=n // 3)
@@ -279,7 +256,7 @@ def test_levels_follow_the_multiset_and_stop_token(dataset):
         sd = np.sqrt(pr * (1 - pr) / total)
         assert abs(counts[lv] / total - pr) < 5 * sd + 1e-3, (lv, counts[lv] / total, pr)
     # NAR-only model: level 0 is never drawn
-    cfg.model = ModelConfig(capabilities=["nar"])
+    cfg = dataclasses.replace(cfg, model=ModelConfig(capabilities=["nar"]))
     levels = np.concatenate([b["level"] for b in take(iter(DataPipeline(cfg).dataset()), 20)])
     assert levels.min() >= 1 and set(levels.tolist()) == set(range(1, 8))
 
@@ -383,8 +360,7 @@ def test_bad_inputs(dataset, tmp_path):
         make_iterator(config(tmp_path))
     with pytest.raises(DatasetError, match="bucket"):
         DataPipeline(config(root, length_buckets=[64]))
-    cfg = config(root)
-    cfg.model = ModelConfig(resp_levels=9)
+    cfg = config(root, ModelConfig(resp_levels=9))
     with pytest.raises(DatasetError, match="levels"):
         DataPipeline(cfg)
 

@@ -5,18 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ALL_VARIANTS, VARIANTS, fixture_paths
+from conftest import ALL_VARIANTS, VARIANTS, fixture_paths, heads_of
 from valle_jax.convert import load_any
 from valle_jax.generate import ar_generate, ar_generate_full, nar_generate
-from valle_jax.models.valle import make_batch
-from valle_jax.parity_modes import greedy_outputs
+from tools.parity import greedy_outputs
+from valle_jax.layout import make_batch
 
 
 @pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_greedy_outputs_equal_reference(name):
     ckpt, npz = fixture_paths(name)
     inputs = dict(np.load(npz))
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     steps = VARIANTS[name].get("ar_greedy", {}).get("max_steps", 26)
     out = greedy_outputs(cfg, params, inputs, steps)
     for key in ("ar_greedy", "ar_greedy_raw", "nar_greedy"):
@@ -31,7 +31,7 @@ def test_cached_loop_equals_full_recompute_and_batch_of_one(name):
     """The KV-cached loop gives the reference's no-cache loop's tokens; a padded mixed batch gives each item its own."""
     ckpt, npz = fixture_paths(name)
     ref = np.load(npz)
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     rng = np.random.default_rng(1)
     items = [{"text": ref["text"], "prom": ref["prom"], "resp": ref["resp"][:, :1]}]
     for t, p in [(7, 5), (12, 11), (4, 0)]:  # shorter texts and prompts, one without a prompt
@@ -57,7 +57,7 @@ def test_cached_loop_equals_full_recompute_and_batch_of_one(name):
 def test_nar_batch_of_one_equals_padded_batch():
     ckpt, npz = fixture_paths("llama_v5_split_sums_nonunified")
     ref = np.load(npz)
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     rng = np.random.default_rng(2)
     lens = [16, 9, 13]
     items = [{"text": ref["text"][: 12 - i], "prom": ref["prom"][: 20 - 4 * i], "resp": rng.integers(0, 1024, (r, 1))} for i, r in enumerate(lens)]
@@ -74,7 +74,7 @@ def test_nar_batch_of_one_equals_padded_batch():
 def test_max_steps_per_item_and_stop():
     ckpt, npz = fixture_paths("llama_v5_split_sums_nonunified")
     ref = np.load(npz)
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     it = {"text": ref["text"], "prom": ref["prom"], "resp": ref["resp"][:, :1]}
     batch = make_batch([it, it, it])
     res = jax.jit(lambda p, b, m: ar_generate(cfg, p, b, 26, max_steps_B=m))(params, batch, jnp.array([26, 3, 5]))

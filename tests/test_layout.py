@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from valle_jax.config import Experimental, ModelConfig
-from valle_jax.models.valle import VALLE, init_params, make_batch, sequence_length
+from valle_jax.layout import batch_rows, make_batch
+from valle_jax.models.valle import VALLE, init_params
 
 LEVELS = 4  # resp_levels of the small test models (tables P_0..P_3, R_0..R_3)
 TEXT = np.array([1, 17, 42, 99, 2])  # T = 5 incl. BOS/EOS
@@ -28,14 +29,14 @@ def cfg_v5(sums: bool = False, unified: bool = False) -> ModelConfig:
     return ModelConfig(
         version=5, dim=16, heads=2, layers=1, resp_levels=LEVELS, dropout=0.0,
         experimental=Experimental(audio_embedding_sums=sums, unified_position_ids=unified),
-    ).validate()  # fmt: skip
+    )  # fmt: skip
 
 
 def cfg_v2(unified: bool = False) -> ModelConfig:
     return ModelConfig(
         version=2, arch_type="llama", dim=16, heads=2, layers=1, resp_levels=LEVELS, dropout=0.0,
         experimental=Experimental(audio_embedding_sums=True, unified_position_ids=unified),  # sums: no effect in v2
-    ).validate()  # fmt: skip
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +105,8 @@ def test_sequence_length_static():
     assert batch.text.shape == (7, 5) and batch.prom.shape == (7, 3, LEVELS) and batch.resp.shape[:2] == (7, 4)
     np.testing.assert_array_equal(np.asarray(batch.prom_len), [3, 3, 3, 0, 0, 3, 3])
     np.testing.assert_array_equal(np.asarray(batch.resp_len), [2, 4, 0, 2, 4, 4, 4])
-    assert sequence_length(cfg_v5(), batch) == S
-    assert sequence_length(cfg_v2(), batch) == S - 2  # no rvq row and its separator in version 2
+    assert batch_rows(cfg_v5(), batch) == S
+    assert batch_rows(cfg_v2(), batch) == S - 2  # no rvq row and its separator in version 2
 
 
 def test_positions_per_segment_v5(params_v5):

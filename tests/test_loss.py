@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ALL_VARIANTS, VARIANTS, fixture_paths
+from conftest import ALL_VARIANTS, VARIANTS, fixture_paths, heads_of
 from valle_jax.config import ModelConfig
 from valle_jax.convert import load_any
 from valle_jax.models import loss as L
 from valle_jax.models.valle import VALLE
-from valle_jax.parity_modes import loss_outputs
+from tools.parity import loss_outputs
+from valle_jax.layout import training_batch
 
 RTOL = 1e-5
 
@@ -28,7 +29,7 @@ def _check(got: float, want: float, what: str):
 def test_losses_match_reference(name):
     ckpt, npz = fixture_paths(name)
     inputs = dict(np.load(npz))
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     out = loss_outputs(cfg, params, inputs)
     keys = sorted(k for k in inputs if k.startswith("loss_s") and not k.endswith("_levels"))
     assert sorted(out) == keys
@@ -50,21 +51,21 @@ def test_parity_tool_loss_mode(tmp_path):
 
 
 def test_level_distribution_is_the_reference_multiset():
-    assert L.level_distribution(ModelConfig()) == [i for i in range(8) for _ in range(8 - i)]  # P(i) = (8 - i) / 36
+    assert ModelConfig().training_levels == [i for i in range(8) for _ in range(8 - i)]  # P(i) = (8 - i) / 36
     nar = ModelConfig(capabilities=["nar"])
-    assert L.level_distribution(nar) == [i for i in range(1, 8) for _ in range(8 - i)]
+    assert nar.training_levels == [i for i in range(1, 8) for _ in range(8 - i)]
     eq = ModelConfig.from_dict({"experimental": {"p_rvq_levels": "equal"}})
-    assert L.level_distribution(eq) == L.level_distribution(ModelConfig())  # "equal" behaves like "auto" upstream
-    assert L.level_distribution(ModelConfig.from_dict({"experimental": {"p_rvq_levels": [0, 0, 5]}})) == [0, 0, 5]
+    assert eq.training_levels == ModelConfig().training_levels  # "equal" behaves like "auto" upstream
+    assert ModelConfig.from_dict({"experimental": {"p_rvq_levels": [0, 0, 5]}}).training_levels == [0, 0, 5]
 
 
 def test_training_never_sees_nan_from_an_empty_segment():
     """Sums on: every prompt target is ignored; the reference's split loss is NaN, the trainer's is finite."""
     ckpt, npz = fixture_paths("llama_v5_split_sums_nonunified")
     inputs = dict(np.load(npz))
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     items = [{"text": inputs[f"loss_batch_text_{i}"], "prom": inputs[f"loss_batch_prom_{i}"], "resp": inputs[f"loss_batch_resp_{i}"]} for i in range(2)]
-    batch = L.training_batch(cfg, items, [0, 3])
+    batch = training_batch(cfg, items, [0, 3])
     logits, _ = VALLE(cfg).apply({"params": params}, batch)
     factors = {"text": 0.1, "prom": 0.5, "resp": 1.0}
     faithful, parts = L.split_loss(cfg, logits, batch, factors, faithful_nan=True)

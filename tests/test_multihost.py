@@ -42,7 +42,6 @@ def env(tmp_path_factory):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
     })  # fmt: skip
-    e.pop("VALLE_JAX_TEST_NAN_STEPS", None)
     return e
 
 

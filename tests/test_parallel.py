@@ -5,6 +5,7 @@ single-device reference and every mesh start from the same parameters and see th
 is on (threefry keys are partitionable, so the masks do not depend on the layout).
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -60,8 +61,7 @@ def reference():
 @pytest.mark.parametrize("name", list(MESHES))
 def test_sharded_step_equals_single_device(reference, name):
     _, params0, data, ref_losses, ref_params = reference
-    cfg = tiny_cfg(*EXTRA.get(name, []))
-    cfg.mesh = MESHES[name]
+    cfg = dataclasses.replace(tiny_cfg(*EXTRA.get(name, [])), mesh=MESHES[name])
     trainer = Trainer(cfg)
     assert trainer.mesh.devices.size == 8
     losses, params = run(trainer, params0, data)
@@ -72,7 +72,7 @@ def test_sharded_step_equals_single_device(reference, name):
 
 def test_rules_table_shards_params_and_optimizer_state(reference):
     cfg, params0, data, _, _ = reference
-    cfg.mesh = MESHES["d2f2t2"]
+    cfg = dataclasses.replace(cfg, mesh=MESHES["d2f2t2"])
     trainer = Trainer(cfg)
     q = trainer.param_sharding["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert q.spec == P("fsdp", "tensor")  # ("embed", "q_heads") -> (fsdp, tensor)

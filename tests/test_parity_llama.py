@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import LLAMA_VARIANTS, ROOT, VARIANTS, fixture_paths
+from conftest import LLAMA_VARIANTS, ROOT, VARIANTS, fixture_paths, heads_of
 from valle_jax.convert import load_any
-from valle_jax.models.valle import VALLE, head_width, make_batch
+from valle_jax.layout import make_batch
+from valle_jax.models.valle import VALLE, head_width
 
 TOL = 2e-5  # issue 2: a correct float32 implementation lands within ~3e-6; 1e-4 would hide an RMSNorm eps error
 
@@ -18,7 +19,7 @@ TOL = 2e-5  # issue 2: a correct float32 implementation lands within ~3e-6; 1e-4
 def test_api_logits_match_reference(name):
     ckpt, npz = fixture_paths(name)
     ref = np.load(npz)
-    cfg, params = load_any(ckpt)
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt))
     assert cfg.n_heads == VARIANTS[name]["dims"]["heads"]
     model = VALLE(cfg)
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b))

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import VARIANTS, fixture_paths
+from conftest import VARIANTS, fixture_paths, heads_of
 from valle_jax.convert import load_any
-from valle_jax.models.valle import VALLE, head_width, make_batch
+from valle_jax.layout import make_batch
+from valle_jax.models.valle import VALLE, head_width
 
 TOL = 2e-5
 NAME = "retnet_v2"
@@ -21,7 +22,7 @@ NAME = "retnet_v2"
 def test_api_logits_match_reference(mode, prefix):
     ckpt, npz = fixture_paths(NAME)
     ref = np.load(npz)
-    cfg, params = load_any(ckpt, overrides={"retnet_mode": mode})
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt), overrides={"retnet_mode": mode})
     assert (cfg.arch_type, cfg.version, cfg.has_rvq_token, cfg.retnet_group_norm_eps) == ("retnet", 2, False, 1e-5)
     model = VALLE(cfg)
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
@@ -54,7 +55,7 @@ def test_group_norm_eps_is_a_config_value():
     """eps 1e-6 instead of the fixture's 1e-5 moves the logits by ~1e-4 (fixture README 8): the knob is live."""
     ckpt, npz = fixture_paths(NAME)
     ref = np.load(npz)
-    cfg, params = load_any(ckpt, overrides={"retnet_mode": "parallel", "retnet_group_norm_eps": 1e-6})
+    cfg, params = load_any(ckpt, heads=heads_of(ckpt), overrides={"retnet_mode": "parallel", "retnet_group_norm_eps": 1e-6})
     b = make_batch([{"text": ref["text"], "prom": ref["prom"], "resp": ref["resp"][:, :1], "level": 0}])
     got = np.asarray(VALLE(cfg).apply({"params": params}, b)[0])[0]
     assert np.abs(got - ref["logits_parallel_L0"]).max() > 3e-5

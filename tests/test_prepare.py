@@ -360,7 +360,7 @@ def test_import_reference_hdf5(tmp_path, capsys):
 def test_demo_corpus(tmp_path, monkeypatch, capsys):
     """The demo: espeak-ng voices speak generated sentences; without real EnCodec weights the seeded random
     EnCodec encodes them and both the output and the metadata say so; the pipeline reads the result."""
-    from valle_jax.config import Config
+    from valle_jax.config import Config, DataConfig
     from valle_jax.data.pipeline import make_iterator
     from valle_jax.prepare import main
 
@@ -375,9 +375,7 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
     assert meta["counts"]["train"] + meta["counts"]["eval"] == 8 and meta["counts"]["rejected"] == 0
     assert set(meta["splits"]["train"]) == {"us_m3", "us_f2"}
     assert len(list((out / "source").rglob("*.wav"))) == 8
-    cfg = Config()
-    cfg.data.path = str(out)
-    cfg.data.length_buckets, cfg.data.batch_tokens, cfg.data.prompt_duration_range = [512, 1024], 4096, [1.0, 2.0]
+    cfg = Config(data=DataConfig(path=str(out), length_buckets=[512, 1024], batch_tokens=4096, prompt_duration_range=[1.0, 2.0]))
     batch = next(make_iterator(cfg))
     assert batch["resp"].shape[2] == 8 and batch["text"].shape[0] >= 1
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, fixture_paths
+from conftest import ROOT, fixture_paths, heads_of
 
 CKPT = fixture_paths("llama_v5_split_sums_nonunified")[0]
-COMMON = ["--random-codec", "0", "--codec", "encodec", "--max-ar-steps", "12", "--batch", "4", "--chunk", "4"]
+COMMON = ["--random-codec", "0", "--codec", "encodec", "--max-ar-steps", "12", "--batch", "4", "--chunk", "4",
+          "--heads", str(heads_of(CKPT))]
 
 
 def _run(args, **kw):
@@ -129,7 +130,7 @@ def test_nan_model_output_is_reported(tmp_path, prompts):
     from valle_jax.checkpoint import save_model_dir
     from valle_jax.convert import load_reference
 
-    cfg, params, ref = load_reference(CKPT)
+    cfg, params, ref = load_reference(CKPT, heads=heads_of(CKPT))
     bias = np.array(params["classifiers"]["proj_0"]["bias"], np.float32)
     bias[7] = np.nan
     params["classifiers"]["proj_0"]["bias"] = bias

@@ -26,11 +26,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from valle_jax.config import load_yaml  # noqa: E402
-from valle_jax.generate import ARScheduler, ar_generate, ar_generate_full, bucket, nar_generate  # noqa: E402
-from valle_jax.models.valle import init_params, make_batch  # noqa: E402
-
-FPS = 75.0
+from valle_jax import pipeline  # noqa: E402
+from valle_jax.config import load_yaml, runtime_config  # noqa: E402
+from valle_jax.generate import ar_generate_full  # noqa: E402
+from valle_jax.layout import bucket  # noqa: E402
+from valle_jax.models.valle import init_params  # noqa: E402
 
 
 def block_stop(cfg, params):
@@ -40,10 +40,11 @@ def block_stop(cfg, params):
     return params
 
 
-def items_for(cfg, n: int, text_len: int, prom_frames: int, seed: int = 0) -> list[dict]:
+def requests_for(cfg, n: int, text_len: int, prom_frames: int, max_tokens: int, seed: int = 0) -> list[pipeline.Request]:
     rng = np.random.default_rng(seed)
-    return [{"text": np.r_[1, rng.integers(4, cfg.text_tokens, text_len - 2), 2], "prom": rng.integers(0, 1024, (prom_frames, cfg.resp_levels)),
-             "resp": np.zeros((1, 1), np.int32)} for _ in range(n)]  # fmt: skip
+    return [pipeline.Request(i, [np.r_[1, rng.integers(4, cfg.text_tokens, text_len - 2), 2].astype(np.int32)],
+                             rng.integers(0, 1024, (prom_frames, cfg.resp_levels)).astype(np.int32), max_tokens)
+            for i in range(n)]  # fmt: skip
 
 
 def timed(fn, *args, repeat: int = 2):
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         cfg, params = load_any(args.checkpoint)
     else:
         cfg, params = load_yaml(args.config), None
-    cfg = cfg.override({"dtype": args.dtype, "attention_impl": args.attention})
+    cfg = runtime_config(cfg, args.dtype, args.attention)
     if params is None:
         params = init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda a: jnp.asarray(a, args.dtype), params)
@@ -96,35 +97,32 @@ def main(argv=None) -> int:
 
         codec = CodecClient(args.codec, random_seed=0, batch_size=64).start()
 
+    fps = cfg.codec_spec.frames_per_second
+    pad = {"text": bucket(args.text_len), "prom": bucket(args.prompt_frames)}
     for B in args.batch:
-        batch = make_batch(items_for(cfg, B, args.text_len, args.prompt_frames),
-                           pad_to={"text": bucket(args.text_len), "prom": bucket(args.prompt_frames)})  # fmt: skip
-        ar = jax.jit(lambda p, b: ar_generate(cfg, p, b, args.steps))
-        res, ar_s = timed(ar, params, batch, repeat=args.repeat)
+        reqs = requests_for(cfg, B, args.text_len, args.prompt_frames, args.steps)
+        batch = pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], pad_to=pad)
+        res, ar_s = timed(lambda p, b: pipeline.ar_codes(cfg, p, b, args.steps), params, batch, repeat=args.repeat)
         n_tokens = int(np.asarray(res.n_raw).sum())
         line = dict(base, batch=B, ar_tokens=n_tokens, ar_seconds=round(ar_s, 4), ar_tokens_per_s=round(n_tokens / ar_s, 1))
         if args.compare_full:
             full = jax.jit(lambda p, b: ar_generate_full(cfg, p, b, args.steps))
             _, full_s = timed(full, params, batch, repeat=1)
             line.update(full_recompute_seconds=round(full_s, 4), cached_speedup=round(full_s / ar_s, 2))
+        level0 = [pipeline.level0(t[:n], cfg) for t, n in zip(np.asarray(res.tokens), np.asarray(res.n_raw))]
         R = bucket(args.steps)
-        level0 = jnp.asarray(np.asarray(res.tokens)[:, :R] % 1024)
-        nb = make_batch([{"text": it["text"], "prom": it["prom"], "resp": np.zeros((args.steps, 1), np.int32)}
-                         for it in items_for(cfg, B, args.text_len, args.prompt_frames)],
-                        pad_to={"text": bucket(args.text_len), "prom": bucket(args.prompt_frames), "resp": R})  # fmt: skip
-        nar = jax.jit(lambda p, b, l0: nar_generate(cfg, p, b, l0))
-        codes, nar_s = timed(nar, params, nb, level0[:, :R] if level0.shape[1] >= R else jnp.pad(level0, ((0, 0), (0, R - level0.shape[1]))),
-                             repeat=args.repeat)  # fmt: skip
+        nb = pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], level0, pad_to={**pad, "resp": R})
+        codes, nar_s = timed(lambda p, b: pipeline.nar_codes(cfg, p, b, b.resp[..., 0]), params, nb, repeat=args.repeat)
         line.update(nar_seconds=round(nar_s, 4))
         total = ar_s + nar_s
         if codec is not None:
-            clips = [np.asarray(c[: args.steps]).astype(np.int16) for c in np.asarray(codes)]
+            clips = [pipeline.codec_codes(c[: max(len(t), 1)], cfg) for c, t in zip(np.asarray(codes), level0)]
             t0 = time.perf_counter()
             codec.decode(clips)
             codec_s = time.perf_counter() - t0
             line.update(codec=args.codec, codec_seconds=round(codec_s, 4))
             total += codec_s
-        audio = n_tokens / FPS
+        audio = n_tokens / fps
         line.update(audio_seconds=round(audio, 2), audio_seconds_per_s=round(audio / total, 2),
                     realtime_factor=round(audio / total, 2))  # fmt: skip
         print(json.dumps(line), flush=True)
@@ -132,15 +130,17 @@ def main(argv=None) -> int:
     if args.mixed:
         rng = np.random.default_rng(1)
         lengths = rng.integers(args.steps // 8, args.steps + 1, args.mixed)
-        items = items_for(cfg, args.mixed, args.text_len, args.prompt_frames, seed=2)
+        reqs = requests_for(cfg, args.mixed, args.text_len, args.prompt_frames, args.steps, seed=2)
+        for r, n in zip(reqs, lengths):
+            r.max_tokens = int(n)
+        models = pipeline.Models(cfg, params, cfg, params)
         slots = max(args.batch)
         for continuous in (True, False):
+            settings = pipeline.Settings.greedy(slots=slots, chunk=16, continuous=continuous, max_ar_steps=args.steps)
+
             def run():
-                s = ARScheduler(cfg, params, slots=slots, max_tokens=args.steps, text_bucket=bucket(args.text_len),
-                                prom_bucket=bucket(args.prompt_frames), chunk=16, continuous=continuous)  # fmt: skip
-                for i, (it, n) in enumerate(zip(items, lengths)):
-                    s.submit(i, it["text"], it["prom"], int(n))
-                return sum(len(raw) for _, raw, _, _ in s.run())
+                return sum(len(o.codes[0]) for o in pipeline.Synthesizer(models, settings).run(reqs, progress=False))
+
             run()  # compile
             t0 = time.perf_counter()
             n_tokens = run()

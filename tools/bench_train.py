@@ -67,14 +67,13 @@ def model_flops_per_token(mcfg, length: int) -> float:
 
 def synthetic_items(cfg, batch: int, length: int, seed: int = 0) -> dict:
     """A host batch whose every item fills `length` rows exactly (response bucket includes the stop row)."""
-    from valle_jax.models.loss import level_distribution, training_batch
+    from valle_jax.layout import extra_rows, training_batch
 
     m = cfg.model
-    extra = 4 if m.has_rvq_token else 2
     t, p = max(2, length // 10), max(1, length // 5)
-    r = max(2, length - t - p - extra)
+    r = max(2, length - t - p - extra_rows(m))
     rng = np.random.default_rng(seed)
-    levels = rng.choice(np.asarray(level_distribution(m)), size=batch)
+    levels = rng.choice(np.asarray(m.training_levels), size=batch)
     items = [{"text": rng.integers(1, m.text_tokens, t), "prom": rng.integers(0, m.audio_tokens, (p, m.resp_levels)),
               "resp": rng.integers(0, m.audio_tokens, (r - 1, m.resp_levels))} for _ in range(batch)]  # fmt: skip
     b = training_batch(m, items, [int(x) for x in levels], {"text": t, "prom": p, "resp": r})
@@ -84,25 +83,20 @@ def synthetic_items(cfg, batch: int, length: int, seed: int = 0) -> dict:
 def parse_mesh(text: str):
     from valle_jax.config import MeshConfig
 
-    mesh = MeshConfig()
-    for part in filter(None, text.split(",")):
-        k, v = part.split("=")
-        setattr(mesh, k.strip(), int(v))
-    return mesh
+    sizes = {k.strip(): int(v) for k, v in (part.split("=") for part in filter(None, text.split(",")))}
+    return MeshConfig(**sizes)
 
 
 def build_config(args):
+    import dataclasses
+
     from valle_jax.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    cfg.train.compute_dtype = args.dtype
-    cfg.train.remat = args.remat
-    cfg.train.grad_accum = args.grad_accum
-    cfg.train.optimizer = args.optimizer
-    cfg.train.warmup_steps = 0
-    cfg.mesh = parse_mesh(args.mesh)
-    cfg.model = cfg.model.override({"attention_impl": args.attention})
-    return cfg
+    train = dataclasses.replace(cfg.train, compute_dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum,
+                                optimizer=args.optimizer, warmup_steps=0)  # fmt: skip
+    model = dataclasses.replace(cfg.model, attention_impl=args.attention)
+    return dataclasses.replace(cfg, train=train, mesh=parse_mesh(args.mesh), model=model)
 
 
 def emit(record: dict) -> None:

@@ -1,13 +1,20 @@
 """Prove a conversion: run valle_jax on a fixture-layout npz and write what the reference writes.
 
     python tools/parity.py --checkpoint CKPT(.sft|.pth|DIR) --inputs IN.npz --out OUT.npz [--levels 0,1,2]
-        [--retnet-mode parallel|chunkwise] [--heads N] [--tol 2e-5]
+        [--retnet-mode parallel|chunkwise] [--heads N] [--tol 2e-5] [--greedy [--max-steps N]] [--loss]
 
 Reads `text` [T], `prom` [P, levels], `resp` [R, levels] (tests/fixtures/README.md section 3) and writes
 `logits_L{l}` [S, V]: the whole-sequence logits of one teacher-forced pass for level l (section 4), V = the
 width of that level's head. Levels default to those the input file already holds reference logits for,
 else 0, 1, 2 and the last level the model has. When IN.npz holds the reference's `logits_L{l}`, the max
 absolute difference per level is printed and the exit status is 1 if any exceeds --tol.
+
+`--greedy` writes `ar_greedy` (cut at the first stop), `ar_greedy_raw` (every appended token) and `nar_greedy`
+(from the true level 0), through the synthesis pipeline's stages; `--loss` writes `loss_s{k}_joint_nll` and
+`loss_s{k}_split_{text,prom,resp}` (tests/fixtures/README.md sections 5-6).
+
+A fixtures manifest (`fixtures.json`, as in tests/fixtures) beside the checkpoint or the inputs supplies what
+weights cannot say: the tiny fixtures' head count (`--heads`) and the AR steps of their greedy outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +34,73 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from valle_jax.config import ModelConfig  # noqa: E402
 from valle_jax.convert import load_any  # noqa: E402
-from valle_jax.models.valle import VALLE, head_width, make_batch  # noqa: E402
+from valle_jax.fileio import atomic_write  # noqa: E402
+from valle_jax.layout import make_batch, training_batch  # noqa: E402
+from valle_jax.models.valle import VALLE, head_width  # noqa: E402
+
+DEFAULT_MAX_STEPS = 26  # the fixtures' default (fixtures.json -> defaults.max_steps)
+
+
+def fixture_facts(checkpoint: str | Path, inputs: str | Path) -> dict:
+    """{"heads", "max_steps"} of a fixture from a `fixtures.json` manifest beside it (empty when none)."""
+    facts: dict = {}
+    for path in (Path(checkpoint), Path(inputs)):
+        manifest = path.parent / "fixtures.json"
+        if not manifest.is_file():
+            continue
+        data = json.loads(manifest.read_text())
+        for v in data.get("variants", {}).values():
+            if v.get("checkpoint") == Path(checkpoint).name and "heads" not in facts:
+                facts["heads"] = v.get("dims", {}).get("heads")
+            if v.get("npz") == Path(inputs).name and "ar_greedy" in v and "max_steps" not in facts:
+                facts["max_steps"] = int(v["ar_greedy"]["max_steps"])
+        facts.setdefault("max_steps", data.get("defaults", {}).get("max_steps"))
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def greedy_outputs(cfg: ModelConfig, params: dict, inputs: dict, max_steps: int | None) -> dict[str, np.ndarray]:
+    """`ar_greedy`, `ar_greedy_raw` and `nar_greedy` (each level fed the previously generated columns), int64."""
+    from valle_jax import pipeline
+
+    max_steps = max_steps or DEFAULT_MAX_STEPS
+    resp = np.asarray(inputs["resp"])
+    batch = pipeline.request_batch([inputs["text"]], [inputs["prom"]], [resp[:, :1]])
+    out = {}
+    if cfg.causal:
+        res = pipeline.ar_codes(cfg, params, batch, max_steps)
+        raw = np.asarray(res.tokens[0, : int(res.n_raw[0])])
+        out["ar_greedy"] = pipeline.level0(raw, cfg).astype(np.int64)
+        out["ar_greedy_raw"] = raw.astype(np.int64)
+    if cfg.has_nar and cfg.resp_levels > 1:
+        codes = pipeline.nar_codes(cfg, params, batch, resp[None, :, 0])
+        out["nar_greedy"] = np.asarray(codes[0], np.int64)
+    return out
+
+
+def loss_outputs(cfg: ModelConfig, params: dict, inputs: dict) -> dict[str, np.ndarray]:
+    """`loss_s{k}_joint_nll` and `loss_s{k}_split_{text,prom,resp}` for every `loss_s{k}_levels` set of the inputs,
+    on the two-item batch `loss_batch_*`, with factors `loss_factor_*` (NaN where the reference gives NaN)."""
+    from valle_jax.models import loss as L
+
+    n_items = len([k for k in inputs if k.startswith("loss_batch_text_")])
+    if n_items == 0:
+        raise SystemExit("--loss: the inputs hold no loss_batch_text_{i} arrays")
+    items = [{"text": inputs[f"loss_batch_text_{i}"], "prom": inputs[f"loss_batch_prom_{i}"],
+              "resp": inputs[f"loss_batch_resp_{i}"]} for i in range(n_items)]  # fmt: skip
+    factors = {name: float(inputs[f"loss_factor_{name}"]) for name in ("text", "prom", "resp") if f"loss_factor_{name}" in inputs}
+    model = VALLE(cfg)
+    out = {}
+    sets = sorted(int(k[len("loss_s") : -len("_levels")]) for k in inputs if k.startswith("loss_s") and k.endswith("_levels"))
+    for s in sets:
+        batch = training_batch(cfg, items, [int(x) for x in inputs[f"loss_s{s}_levels"]])
+        logits, _ = model.apply({"params": params}, batch)
+        joint, _ = L.joint_loss(cfg, logits, batch)
+        out[f"loss_s{s}_joint_nll"] = np.float32(joint)
+        _, split = L.split_loss(cfg, logits, batch, factors)
+        for name in factors:
+            if name in split:
+                out[f"loss_s{s}_split_{name}"] = np.float32(split[name])
+    return out
 
 
 def model_levels(cfg: ModelConfig) -> list[int]:
@@ -66,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="npz to write")
     ap.add_argument("--levels", help="comma-separated RVQ levels (default: see above)")
     ap.add_argument("--retnet-mode", choices=["parallel", "chunkwise"], help="RetNet form (default: the reference's, chunkwise)")
-    ap.add_argument("--heads", type=int, help="attention heads when they cannot be found (default: fixtures.json beside the file, else dim/64)")
+    ap.add_argument("--heads", type=int, help="attention heads when they cannot be found (default: a fixtures.json beside the file, else dim/64)")
     ap.add_argument("--tol", type=float, default=2e-5, help="max abs logit difference accepted when the inputs hold reference logits")
     ap.add_argument("--greedy", action="store_true", help="also write ar_greedy, ar_greedy_raw, nar_greedy")
     ap.add_argument("--max-steps", type=int, help="AR steps for --greedy (default: fixtures.json beside the inputs, else 26)")
@@ -74,30 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     overrides = {"retnet_mode": args.retnet_mode} if args.retnet_mode else {}
-    cfg, params = load_any(args.checkpoint, heads=args.heads, overrides=overrides, dtype=np.float32)
+    facts = fixture_facts(args.checkpoint, args.inputs)
+    cfg, params = load_any(args.checkpoint, heads=args.heads or facts.get("heads"), overrides=overrides, dtype=np.float32)
     inputs = dict(np.load(args.inputs))
     for key in ("text", "prom", "resp"):
         if key not in inputs:
             raise SystemExit(f"{args.inputs}: missing array {key!r} (expected the tests/fixtures npz layout)")
     levels = [int(x) for x in args.levels.split(",")] if args.levels else default_levels(cfg, inputs)
     out = teacher_forced_logits(cfg, params, inputs["text"], inputs["prom"], inputs["resp"], levels)
-    if args.greedy or args.loss:
-        from valle_jax import parity_modes
+    if args.greedy:
+        out.update(greedy_outputs(cfg, params, inputs, args.max_steps or facts.get("max_steps")))
+    if args.loss:
+        out.update(loss_outputs(cfg, params, inputs))
 
-        if args.greedy:
-            steps = args.max_steps or parity_modes.manifest_max_steps(args.inputs)
-            out.update(parity_modes.greedy_outputs(cfg, params, inputs, steps))
-        if args.loss:
-            out.update(parity_modes.loss_outputs(cfg, params, inputs))
-
-    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda f: np.savez(f, **out))
 
     report, worst = {}, 0.0
-    parallel = cfg.arch_type == "retnet" and cfg.retnet_mode == "parallel"
     for key, value in out.items():
-        ref_key = key.replace("logits_", "logits_parallel_") if parallel and key.startswith("logits_") else key
+        parallel_key = key.replace("logits_", "logits_parallel_")  # a RetNet fixture's parallel-form logits
+        ref_key = parallel_key if args.retnet_mode == "parallel" and parallel_key in inputs else key
         if ref_key in inputs and key.startswith("logits_"):
             ref = inputs[ref_key]
             diff = float(np.abs(value - ref).max()) if ref.shape == value.shape else float("inf")

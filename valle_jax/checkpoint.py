@@ -73,12 +73,15 @@ def load_model_dir(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, di
         tree = getattr(meta, "item_metadata", meta)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
         params = ckptr.restore(path.absolute() / PARAMS_DIR, target)
-    params = jax.tree.map(np.asarray, params)
-    if dtype is not None:
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    params = jax.tree.map(np.asarray, params) if dtype is None else cast_tree(params, dtype)
     ref_file = path / REFERENCE_FILE
     reference = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
     return cfg, params, reference
+
+
+def cast_tree(tree: Any, dtype: Any, to: Any = np.asarray) -> Any:
+    """Every leaf of a parameter tree as `to(leaf, dtype)` (numpy by default, `jnp.asarray` for device arrays)."""
+    return jax.tree.map(lambda a: to(a, dtype), tree)
 
 
 # ---------------------------------------------------------------------------------------------------------

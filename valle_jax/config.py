@@ -1,19 +1,31 @@
-"""Typed configuration: the reference's `Model` fields, our backbone numerics, YAML load/save.
+"""Typed, frozen configuration: the reference's `Model` fields, our numerics, the run blocks, YAML load/save.
 
 Precedence (DESIGN.md): checkpoint (key shapes, `.sft` metadata) < YAML < CLI `key=value` overrides.
 Field names of `ModelConfig` and `Experimental` are the reference's own (spec section 1), so a block of the
 reference's YAML `models:` list loads as is; the fields after them are ours (explicit sizes, numerics).
+
+Every config is a frozen dataclass: lists become tuples and mappings `FrozenMap`s, so a config is hashable (a
+static argument of `jax.jit`) and never changes under a compiled program; `dataclasses.replace` or
+`override` make a new one. Each class validates itself on construction (`__post_init__`): a bad value raises
+`ConfigError` naming the field, the value and what is allowed. Closed choices are enums (`AttentionImpl`,
+`CodecKind`, ...); the backbone is open: any name registered in `models.backbone`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
+
+from valle_jax.codec.specs import CODEC_SPECS, CodecKind, codec_spec
+from valle_jax.fileio import atomic_write_text
 
 # Spec 1.2: (dim, heads, layers); FFN is 4 * dim, head_dim 64. Any other string means "full".
 SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -22,16 +34,145 @@ SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
     "full": (1024, 16, 12),
     "double": (1024, 16, 24),
 }
-STOP_TOKEN = 1024  # = n_audio_tokens (spec 2.1)
-SUPPORTED_ARCHS = ("llama", "retnet")
+STOP_TOKEN = 1024  # = audio_tokens of every released model (spec 2.1); `ModelConfig.stop_token` in general
 SUPPORTED_VERSIONS = (2, 3, 5)  # 1 cannot be built by the reference, 4 has integer nn.Parameters (spec 1.5)
+CAPABILITIES = ("ar", "nar", "len", "lang", "tone")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
 
-@dataclass
+class Choice(str, enum.Enum):
+    """A closed choice: compares equal to its string value, prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class AttentionImpl(Choice):
+    XLA = "xla"  # everywhere
+    CUDNN = "cudnn"  # flash attention on NVIDIA GPUs (fp16/bf16)
+
+
+class TokenizerKind(Choice):
+    BPE = "bpe"  # tokenizer.json (llama releases)
+    NAIVE = "naive"  # the retnet release
+
+
+class RetNetMode(Choice):
+    PARALLEL = "parallel"  # how the reference trained
+    CHUNKWISE = "chunkwise"  # the reference's inference path
+    RECURRENT = "recurrent"
+
+
+class GroupNorm(Choice):
+    LAYERNORM = "layernorm"
+    RMSNORM = "rmsnorm"
+
+
+class Optimizer(Choice):
+    ADAMW = "adamw"
+    PRODIGY = "prodigy"
+
+
+class Schedule(Choice):
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+class FrozenMap(Mapping):
+    """A read-only, hashable mapping (a config's dict-valued fields)."""
+
+    def __init__(self, data: Mapping | None = None):
+        self._data = dict(data or {})
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((str(k), _hashable(v)) for k, v in self._data.items())))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._data) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return FrozenMap({k: _hashable(x) for k, x in v.items()})
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    return v
+
+
+def plain(obj: Any) -> Any:
+    """Config values -> plain YAML/JSON values (enums to strings, tuples to lists, maps to dicts)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def _bad(where: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{where} = {value!r}: expected {expected}")
+
+
+def _choice(owner: Any, name: str, enum_cls: type[Choice], where: str) -> None:
+    """Coerce field `name` of a frozen dataclass to `enum_cls`, naming the field and the allowed values."""
+    value = getattr(owner, name)
+    try:
+        object.__setattr__(owner, name, enum_cls(str(value.value if isinstance(value, enum.Enum) else value)))
+    except ValueError:
+        raise _bad(f"{where}.{name}", value, "one of " + ", ".join(e.value for e in enum_cls)) from None
+
+
+def _freeze(owner: Any) -> None:
+    """Lists -> tuples and dicts -> FrozenMaps, in place on a frozen dataclass being constructed."""
+    for f in fields(owner):
+        v = getattr(owner, f.name)
+        if isinstance(v, (list, tuple, Mapping)) and not isinstance(v, FrozenMap):
+            object.__setattr__(owner, f.name, _hashable(v))
+
+
+def _number(owner: Any, name: str, where: str, *, kind: type = float, lo: float | None = None,
+            lo_open: bool = False, hi: float | None = None, optional: bool = False) -> None:  # fmt: skip
+    """Check a numeric field: its type (bools are not numbers), finiteness and range."""
+    value = getattr(owner, name)
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if not ok or not math.isfinite(value):
+        raise _bad(f"{where}.{name}", value, "an integer" if kind is int else "a finite number")
+    if kind is int:
+        object.__setattr__(owner, name, int(value))
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _bad(f"{where}.{name}", value, f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise _bad(f"{where}.{name}", value, f"<= {hi}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass(frozen=True)
 class Experimental:
     """The reference's `ModelExperimentalSettings` (spec 1.4), same names and defaults."""
 
@@ -41,37 +182,51 @@ class Experimental:
     audio_embedding_sums: bool = False
     audio_embedding_mode: str | None = None
     kv_heads: int = 0
-    p_rvq_levels: str | list[int] = "auto"
-    rvq_level_range: list[int] = field(default_factory=list)
+    p_rvq_levels: str | tuple[int, ...] = "auto"
+    rvq_level_range: tuple[int, ...] = ()
     unified_position_ids: bool = True
     tie_classifier_to_embedding: bool = False
     token_dropout_error: float = 0.0
     token_dropout_rate: float = 0.0
-    token_dropout_rvq_levels: list[int] = field(default_factory=lambda: [1, 8])
+    token_dropout_rvq_levels: tuple[int, ...] = (1, 8)
     causal_size: int = 1
     p_len_train: float = 0.05
 
+    def __post_init__(self):
+        _freeze(self)
+        w = "model.experimental"
+        if self.hf or self.interleave:
+            raise _bad(f"{w}.hf/interleave", True, "False (not used by released weights; not ported)")
+        if self.audio_embedding_mode not in (None, ""):
+            raise _bad(f"{w}.audio_embedding_mode", self.audio_embedding_mode, "unset")
+        _number(self, "causal_size", w, kind=int, lo=1)
+        _number(self, "kv_heads", w, kind=int, lo=0)
+        if not (self.p_rvq_levels in ("auto", "equal") or isinstance(self.p_rvq_levels, tuple)):
+            raise _bad(f"{w}.p_rvq_levels", self.p_rvq_levels, "'auto', 'equal' or a list of levels")
+        if self.rvq_level_range and len(self.rvq_level_range) != 2:
+            raise _bad(f"{w}.rvq_level_range", list(self.rvq_level_range), "[] or [lowest, highest]")
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One model: the reference `Model` fields (spec 1.1) followed by valle_jax's own fields."""
 
     # --- reference fields ---
     name: str = "ar+nar"
     version: int = 5
-    size: str | dict | float = "full"
+    size: str | FrozenMap | float = "full"
     resp_levels: int = 8
     tasks: int = 8
     langs: int = 1
     tones: int = 1
     experts: int = 1
-    arch_type: str = "llama"
+    arch_type: str = "llama"  # a backbone registered in models.backbone (llama, retnet, ...)
     training: bool = True
-    frozen_params: list[str] = field(default_factory=list)
+    frozen_params: tuple[str, ...] = ()
     attention: str = "auto"
     dropout: float = 0.1
-    loss_factors: dict[str, float] = field(default_factory=dict)
-    capabilities: list[str] = field(default_factory=lambda: ["ar", "nar"])
+    loss_factors: FrozenMap = field(default_factory=FrozenMap)
+    capabilities: tuple[str, ...] = ("ar", "nar")
     experimental: Experimental = field(default_factory=Experimental)
     # --- valle_jax fields: explicit sizes (None = from `size`, spec 1.2) ---
     dim: int | None = None
@@ -83,27 +238,72 @@ class ModelConfig:
     # Unused tables the reference keeps in every checkpoint (kept so export is lossless).
     embed_tokens: bool = True  # `model.embed_tokens` of HF LlamaModel
     dropout_token: bool = True  # absent from old (retnet era) checkpoints
-    # --- front end and codec (the reference keeps these outside `Model`) ---
-    tokenizer: str = "bpe"  # "bpe" (tokenizer.json, llama releases) or "naive" (the retnet release)
-    codec: str = "vocos"  # "encodec" | "vocos" (EnCodec codes, Vocos decoder: the default) | "dac"
+    # --- front end and codec the model was trained with (the reference keeps these outside `Model`) ---
+    tokenizer: TokenizerKind = TokenizerKind.BPE
+    codec: CodecKind = CodecKind.VOCOS  # EnCodec codes decoded by Vocos: the reference's default
     # --- numerics ---
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    attention_impl: str = "xla"  # "xla" everywhere; "cudnn" = flash attention on NVIDIA GPUs
+    # --- runtime choices (how to run it, not what it is): set by `runtime_config` ---
+    attention_impl: AttentionImpl = AttentionImpl.XLA
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    remat: str = "none"  # activation checkpointing of each decoder layer, by policy name (models.backbone)
     # --- RetNet (spec reference-retnet.md) ---
     retnet_layernorm_eps: float = 1e-5
     retnet_group_norm_eps: float = 1e-5
-    retnet_group_norm: str = "layernorm"  # see models/retnet.py
+    retnet_group_norm: GroupNorm = GroupNorm.LAYERNORM  # see models/retnet.py
     retnet_chunk_size: int = 512
-    retnet_mode: str = "chunkwise"  # the reference's inference path; "parallel" is how it trained
+    retnet_mode: RetNetMode = RetNetMode.CHUNKWISE  # the reference's inference path; "parallel" is how it trained
 
-    def __hash__(self) -> int:
-        # Lets a config be a static argument of jax.jit (compiled programs are reused across call sites).
-        import json
+    def __post_init__(self):
+        _freeze(self)
+        w = "model"
+        if isinstance(self.experimental, Mapping):
+            object.__setattr__(self, "experimental", Experimental(**self.experimental))
+        for name, cls in (("tokenizer", TokenizerKind), ("codec", CodecKind), ("attention_impl", AttentionImpl),
+                          ("retnet_group_norm", GroupNorm), ("retnet_mode", RetNetMode)):  # fmt: skip
+            _choice(self, name, cls, w)
+        from valle_jax.models import backbone  # import-light: names only, no flax
 
-        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+        if self.arch_type not in backbone.names():
+            raise _bad(f"{w}.arch_type", self.arch_type, "a registered backbone: " + ", ".join(backbone.names()))
+        if self.version not in SUPPORTED_VERSIONS:
+            raise _bad(f"{w}.version", self.version, f"one of {SUPPORTED_VERSIONS} (spec 1.5: v1 and v4 cannot be built)")
+        unknown = [c for c in self.capabilities if c not in CAPABILITIES]
+        if unknown:
+            raise _bad(f"{w}.capabilities", list(self.capabilities), "a subset of " + ", ".join(CAPABILITIES))
+        for cap in ("len", "lang", "tone"):
+            if cap in self.capabilities:
+                raise _bad(f"{w}.capabilities", list(self.capabilities), f"no '{cap}' (no released model uses it; not ported)")
+        if not ({"ar", "nar"} & set(self.capabilities)):
+            raise _bad(f"{w}.capabilities", list(self.capabilities), "at least one of ar, nar")
+        if self.experts != 1:
+            raise _bad(f"{w}.experts", self.experts, "1 (MoE is not ported)")
+        for name in ("resp_levels", "text_tokens", "audio_tokens"):
+            _number(self, name, w, kind=int, lo=1)
+        for name in ("dim", "heads", "layers", "ffn"):
+            _number(self, name, w, kind=int, lo=1, optional=True)
+        for name in ("tasks", "langs", "tones", "version"):
+            _number(self, name, w, kind=int, lo=0)
+        _number(self, "dropout", w, lo=0.0, hi=1.0)
+        _number(self, "retnet_chunk_size", w, kind=int, lo=1)
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise _bad(f"{w}.{name}", getattr(self, name), "one of " + ", ".join(DTYPES))
+        if self.remat not in backbone.REMAT_POLICIES:
+            raise _bad(f"{w}.remat", self.remat, "one of " + ", ".join(backbone.REMAT_POLICIES))
+        if self.d_model % self.n_heads:
+            raise _bad(f"{w}.heads", self.n_heads, f"a divisor of dim {self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            raise _bad(f"{w}.experimental.kv_heads", self.n_kv_heads, f"a divisor of heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise _bad(f"{w}.heads", self.n_heads, f"a head_dim (dim/heads) that is even, got {self.head_dim}")
+        for key, value in self.loss_factors.items():
+            if key not in ("text", "prom", "resp"):
+                raise _bad(f"{w}.loss_factors", dict(self.loss_factors), "keys among text, prom, resp")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise _bad(f"{w}.loss_factors.{key}", value, "a finite number")
 
     # ----- derived (spec 1.2, 1.3) -----
     @property
@@ -195,7 +395,7 @@ class ModelConfig:
         "equal" both give level i (hi + 1 - i) times over [lo, hi] ("equal" is broken upstream and behaves like
         "auto"); lo = 0 for a causal model, else 1, or `rvq_level_range`. An explicit list is used as is."""
         p = self.experimental.p_rvq_levels
-        if isinstance(p, (list, tuple)):
+        if isinstance(p, tuple):
             return [int(x) for x in p]
         rng = self.experimental.rvq_level_range
         lo, hi = (rng[0], rng[1]) if rng else ((0 if self.causal else 1), self.resp_levels - 1)
@@ -209,63 +409,23 @@ class ModelConfig:
     def head_widths(self) -> list[int]:
         return self.l_tokens if self.experimental.split_classifiers else [self.n_resp_tokens]
 
-    # ----- checks -----
-    def validate(self) -> "ModelConfig":
-        def bad(name: str, value: Any, expected: str) -> ConfigError:
-            return ConfigError(f"model.{name} = {value!r}: expected {expected}")
-
-        if self.arch_type not in SUPPORTED_ARCHS:
-            raise bad("arch_type", self.arch_type, f"one of {SUPPORTED_ARCHS} (other backbones are not ported)")
-        if self.version not in SUPPORTED_VERSIONS:
-            raise bad("version", self.version, f"one of {SUPPORTED_VERSIONS} (spec 1.5: v1 and v4 cannot be built)")
-        for cap in self.capabilities:
-            if cap not in ("ar", "nar", "len", "lang", "tone"):
-                raise bad("capabilities", self.capabilities, "a subset of ar, nar, len, lang, tone")
-        for cap in ("len", "lang", "tone"):
-            if cap in self.capabilities:
-                raise bad("capabilities", self.capabilities, f"no '{cap}' (not used by any released model; not ported)")
-        if not ({"ar", "nar"} & set(self.capabilities)):
-            raise bad("capabilities", self.capabilities, "at least one of ar, nar")
-        if self.experts != 1:
-            raise bad("experts", self.experts, "1 (MoE is not ported)")
-        if self.experimental.hf or self.experimental.interleave:
-            raise bad("experimental.hf/interleave", True, "False (not used by released weights; not ported)")
-        if self.experimental.audio_embedding_mode not in (None, ""):
-            raise bad("experimental.audio_embedding_mode", self.experimental.audio_embedding_mode, "unset")
-        if self.resp_levels < 1:
-            raise bad("resp_levels", self.resp_levels, ">= 1")
-        if self.d_model % self.n_heads:
-            raise bad("heads", self.n_heads, f"a divisor of dim {self.d_model}")
-        if self.n_heads % self.n_kv_heads:
-            raise bad("experimental.kv_heads", self.n_kv_heads, f"a divisor of heads {self.n_heads}")
-        if self.head_dim % 2:
-            raise bad("heads", self.n_heads, f"a head_dim (dim/heads) that is even, got {self.head_dim}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise bad("attention_impl", self.attention_impl, "'xla' or 'cudnn'")
-        if self.causal_size < 1:
-            raise bad("experimental.causal_size", self.causal_size, ">= 1")
-        if self.tokenizer not in ("bpe", "naive"):
-            raise bad("tokenizer", self.tokenizer, "'bpe' or 'naive'")
-        if self.codec not in ("encodec", "vocos", "dac"):
-            raise bad("codec", self.codec, "'encodec', 'vocos' or 'dac'")
-        if self.retnet_mode not in ("parallel", "chunkwise", "recurrent"):
-            raise bad("retnet_mode", self.retnet_mode, "parallel, chunkwise or recurrent")
-        return self
+    @property
+    def codec_spec(self):
+        return codec_spec(self.codec)
 
     # ----- (de)serialisation -----
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return plain(self)
 
     def reference_dict(self) -> dict:
         """Only the reference `Model` fields (what its export writes as `config` metadata)."""
-        ours = {f.name for f in fields(ModelConfig)} - REFERENCE_MODEL_FIELDS
-        return {k: v for k, v in self.to_dict().items() if k not in ours}
+        return {k: v for k, v in self.to_dict().items() if k in REFERENCE_MODEL_FIELDS}
 
     @classmethod
-    def from_dict(cls, data: dict, *, strict: bool = True, where: str = "model") -> "ModelConfig":
+    def from_dict(cls, data: Mapping, *, strict: bool = True, where: str = "model") -> "ModelConfig":
         data = dict(data)
         exp = data.pop("experimental", None) or {}
-        if not isinstance(exp, dict):
+        if not isinstance(exp, Mapping):
             raise ConfigError(f"{where}.experimental = {exp!r}: expected a mapping")
         known = {f.name for f in fields(cls)}
         known_exp = {f.name for f in fields(Experimental)}
@@ -275,13 +435,16 @@ class ModelConfig:
             if strict:
                 raise ConfigError(msg)
             warnings.warn(msg + " (ignored; a checkpoint with them may follow newer reference rules)", stacklevel=2)
-        cfg = cls(**{k: v for k, v in data.items() if k in known})
-        cfg.experimental = Experimental(**{k: v for k, v in exp.items() if k in known_exp})
-        return cfg
+        try:
+            experimental = Experimental(**{k: v for k, v in exp.items() if k in known_exp})
+            return cls(**{k: v for k, v in data.items() if k in known}, experimental=experimental)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}" if where != "model" else str(e)) from None
 
-    @classmethod
-    def from_reference(cls, entry: dict, *, where: str = "reference config") -> "ModelConfig":
-        """One entry of the reference YAML's `models:` list, cleaned as `Config.format` does (spec 1.1)."""
+    @staticmethod
+    def clean_reference(entry: Mapping) -> dict:
+        """One entry of the reference YAML's `models:` list as `Config.format` cleans it (spec 1.1): legacy keys
+        dropped, a top-level `audio_embedding_sums` moved into `experimental`."""
         entry = dict(entry)
         for legacy in ("prom_levels", "interleave"):
             entry.pop(legacy, None)
@@ -289,11 +452,16 @@ class ModelConfig:
         if "audio_embedding_sums" in entry:
             exp["audio_embedding_sums"] = entry.pop("audio_embedding_sums")
         entry["experimental"] = exp
-        return cls.from_dict(entry, strict=False, where=where)
+        return entry
 
-    def override(self, assignments: list[str] | dict[str, Any]) -> "ModelConfig":
-        """Apply `key=value` overrides (dotted keys; values parsed as YAML). Unknown keys are refused."""
-        items = assignments.items() if isinstance(assignments, dict) else (_split_assignment(a) for a in assignments)
+    @classmethod
+    def from_reference(cls, entry: Mapping, *, where: str = "reference config") -> "ModelConfig":
+        """One entry of the reference YAML's `models:` list (unknown fields are warned about, not refused)."""
+        return cls.from_dict(cls.clean_reference(entry), strict=False, where=where)
+
+    def override(self, assignments: list[str] | Mapping[str, Any]) -> "ModelConfig":
+        """A new config with `key=value` overrides (dotted keys; values parsed as YAML). Unknown keys are refused."""
+        items = assignments.items() if isinstance(assignments, Mapping) else (parse_assignment(a) for a in assignments)
         data = self.to_dict()
         for key, value in items:
             _assign(data, key, key.removeprefix("model.").split("."), value)
@@ -304,6 +472,33 @@ REFERENCE_MODEL_FIELDS = {
     "name", "version", "size", "resp_levels", "tasks", "langs", "tones", "experts", "arch_type", "training",
     "frozen_params", "attention", "dropout", "loss_factors", "capabilities", "experimental",
 }  # fmt: skip
+
+
+def compute_dtype(requested: str = "auto") -> str:
+    """The compute dtype: "auto" is float32 on CPU (exact, and what parity needs) and bfloat16 on accelerators."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise _bad("dtype", requested, "auto or one of " + ", ".join(DTYPES))
+        return requested
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def runtime_config(cfg: ModelConfig, dtype: str = "auto", attention_impl: str | None = None,
+                   remat: str | None = None) -> ModelConfig:  # fmt: skip
+    """The model as it will run here: compute dtype decided once (`compute_dtype`), attention path, remat."""
+    changes: dict[str, Any] = {"dtype": compute_dtype(dtype)}
+    if attention_impl is not None:
+        changes["attention_impl"] = attention_impl
+    if remat is not None:
+        changes["remat"] = remat
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _assign(data: dict, key: str, parts: list[str], value: Any) -> None:
@@ -318,26 +513,34 @@ def _assign(data: dict, key: str, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _split_assignment(text: str) -> tuple[str, Any]:
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
 
 
 def load_yaml(path: str | Path) -> ModelConfig:
     """Our YAML (`model:` block) or a reference YAML (`models:` list; the first `training` entry)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if "model" in data:
-        return ModelConfig.from_dict(data["model"], where=f"{path}: model").validate()
+        return ModelConfig.from_dict(data["model"], where=f"{path}: model")
     if "models" in data:
         return load_reference_yaml(path, data=data)
     raise ConfigError(f"{path}: no 'model' block (valle_jax) or 'models' list (reference YAML)")
@@ -346,7 +549,7 @@ def load_yaml(path: str | Path) -> ModelConfig:
 def load_reference_yaml(path: str | Path, name: str | None = None, data: dict | None = None) -> ModelConfig:
     """Read the reference's own YAML: pick the `models:` entry named `name` (default: the first one)."""
     path = Path(path)
-    data = data if data is not None else yaml.safe_load(path.read_text())
+    data = data if data is not None else _read_yaml(path)
     models = data.get("models") or []
     if not models:
         raise ConfigError(f"{path}: 'models' list is empty")
@@ -355,46 +558,48 @@ def load_reference_yaml(path: str | Path, name: str | None = None, data: dict | 
         raise ConfigError(f"{path}: no model named {name!r} in 'models' ({[m.get('name') for m in models]})")
     if "audio_embedding_sums" in data:  # top-level legacy key, moved into experimental by Config.format
         entry = {**entry, "audio_embedding_sums": data["audio_embedding_sums"]}
-    return ModelConfig.from_reference(entry, where=f"{path}: models[{entry.get('name')}]").validate()
+    return ModelConfig.from_reference(entry, where=f"{path}: models[{entry.get('name')}]")
 
 
 def save_yaml(cfg: ModelConfig, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training run: data, mesh, optimisation. A run YAML has `model:`, `data:`, `train:` and `mesh:` blocks.
 
-DEFAULT_AXIS_RULES: list[list[Any]] = [
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # logical axis -> mesh axis (or list of mesh axes / None = replicated). One table, changed by config only.
-    ["batch", ["data", "fsdp"]],
-    ["embed", "fsdp"],
-    ["vocab", "tensor"],
-    ["mlp", "tensor"],
-    ["q_heads", "tensor"],
-    ["kv_heads", "tensor"],
-    ["heads", "tensor"],
-    ["kv", None],
-    ["table", None],
-    ["norm", None],
-    ["length", None],
-]
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("table", None),
+    ("norm", None),
+    ("length", None),
+)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeshConfig:
     """One named mesh (data, fsdp, tensor); -1 = fill with the remaining devices."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    axis_rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_AXIS_RULES])
+    axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_AXIS_RULES
+
+    def __post_init__(self):
+        _freeze(self)
+        for name in ("data", "fsdp", "tensor"):
+            _number(self, name, "mesh", kind=int, lo=-1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """A prepared dataset (python -m valle_jax.prepare) and how batches are drawn from it."""
 
@@ -402,26 +607,40 @@ class DataConfig:
     eval_path: str | None = None  # default: the held-out split inside `path`
     batch_tokens: int = 8192  # token budget per batch (rows of the assembled sequences, padding included)
     max_batch: int = 64
-    length_buckets: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # static sequence lengths
-    prompt_duration_range: list[float] = field(default_factory=lambda: [3.0, 6.0])  # seconds (spec 8.5)
+    length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # static sequence lengths
+    prompt_duration_range: tuple[float, ...] = (3.0, 6.0)  # seconds (spec 8.5)
     max_prompts: int = 1
-    frames_per_second: int = 75
+    frames_per_second: float | None = None  # code frames per second: None = the dataset's own (dataset.json)
     min_duration: float = 0.5  # seconds of audio
     max_duration: float = 20.0
     seed: int = 0
     num_workers: int = 0  # grain worker processes (0 = in-process)
     batch_multiple: int = 1  # global batch sizes are multiples of lcm(this, process count), e.g. the data-parallel size
 
+    def __post_init__(self):
+        _freeze(self)
+        w = "data"
+        for name in ("batch_tokens", "max_batch", "batch_multiple"):
+            _number(self, name, w, kind=int, lo=1)
+        for name in ("max_prompts", "num_workers", "seed"):
+            _number(self, name, w, kind=int, lo=0)
+        _number(self, "frames_per_second", w, lo=0.0, lo_open=True, optional=True)
+        if not self.length_buckets or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.length_buckets):
+            raise _bad(f"{w}.length_buckets", list(self.length_buckets), "a non-empty list of positive integers")
+        r = self.prompt_duration_range
+        if len(r) != 2 or not all(isinstance(x, (int, float)) and 0 <= x for x in r) or r[0] > r[1]:
+            raise _bad(f"{w}.prompt_duration_range", list(r), "[low, high] seconds with 0 <= low <= high")
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0
     init_from: str | None = None  # a model directory or a reference .sft/.pth to fine-tune from
-    optimizer: str = "adamw"  # "adamw" | "prodigy"
+    optimizer: Optimizer = Optimizer.ADAMW
     learning_rate: float = 1e-4
-    schedule: str = "cosine"  # "cosine" | "constant"
+    schedule: Schedule = Schedule.COSINE
     warmup_steps: int = 100
     end_learning_rate_fraction: float = 0.1
     weight_decay: float = 0.01
@@ -429,8 +648,8 @@ class TrainConfig:
     b2: float = 0.999
     grad_clip: float = 1.0
     grad_accum: int = 1
-    remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint policies by name)
-    compute_dtype: str = "bfloat16"  # model compute dtype on accelerators; float32 master weights
+    remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" (models.backbone.REMAT_POLICIES)
+    compute_dtype: str = "auto"  # model compute dtype ("auto": float32 on CPU, bfloat16 on accelerators)
     log_every: int = 10
     eval_every: int = 500
     eval_batches: int = 4
@@ -443,8 +662,31 @@ class TrainConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
+    def __post_init__(self):
+        w = "train"
+        _choice(self, "optimizer", Optimizer, w)
+        _choice(self, "schedule", Schedule, w)
+        for name in ("steps", "seed", "warmup_steps", "log_every", "eval_every", "eval_batches", "eval_samples",
+                     "save_every", "keep_checkpoints"):  # fmt: skip
+            _number(self, name, w, kind=int, lo=0)
+        for name in ("grad_accum", "max_bad_steps"):
+            _number(self, name, w, kind=int, lo=1)
+        _number(self, "learning_rate", w, lo=0.0, lo_open=True)
+        for name in ("end_learning_rate_fraction", "weight_decay", "grad_clip"):
+            _number(self, name, w, lo=0.0)
+        for name in ("b1", "b2"):
+            _number(self, name, w, lo=0.0, hi=1.0)
+        from valle_jax.models import backbone
 
-@dataclass
+        if self.remat not in backbone.REMAT_POLICIES:
+            raise _bad(f"{w}.remat", self.remat, "one of " + ", ".join(backbone.REMAT_POLICIES))
+        if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
+            raise _bad(f"{w}.compute_dtype", self.compute_dtype, "auto or one of " + ", ".join(DTYPES))
+        if self.export_dtype not in DTYPES:
+            raise _bad(f"{w}.export_dtype", self.export_dtype, "one of " + ", ".join(DTYPES))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -452,49 +694,56 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> "Config":
+    def from_dict(cls, data: Mapping, where: str = "config") -> "Config":
         unknown = sorted(set(data) - {"model", "data", "train", "mesh"})
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (expected model, data, train, mesh)")
-        out = cls(model=ModelConfig.from_dict(data.get("model") or {}, where=f"{where}: model"))
+        blocks: dict[str, Any] = {"model": ModelConfig.from_dict(data.get("model") or {}, where=f"{where}: model")}
         for name, klass in (("data", DataConfig), ("train", TrainConfig), ("mesh", MeshConfig)):
             block = data.get(name) or {}
+            if not isinstance(block, Mapping):
+                raise ConfigError(f"{where}: {name}: expected a mapping, got {block!r}")
             known = {f.name for f in fields(klass)}
             bad = sorted(set(block) - known)
             if bad:
                 raise ConfigError(f"{where}: {name}: unknown field(s) {', '.join(bad)}")
-            setattr(out, name, klass(**block))
-        out.model.validate()
-        return out
+            try:
+                blocks[name] = klass(**block)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        return cls(**blocks)
 
     def override(self, assignments: list[str]) -> "Config":
-        """`section.key=value` (section one of model/data/train/mesh; a bare key means model.key)."""
+        """A new config with `section.key=value` overrides (section one of model/data/train/mesh; a bare key
+        means model.key)."""
         data = self.to_dict()
         for text in assignments:
-            key, value = _split_assignment(text)
+            key, value = parse_assignment(text)
             parts = key.split(".")
             _assign(data, key, parts if parts[0] in data else ["model"] + parts, value)
-        return Config.from_dict(data)
+        return Config.from_dict(data, where="overrides")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """A run YAML (model/data/train/mesh blocks) plus `key=value` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    data = _read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     cfg = Config.from_dict(data, where=str(path))
     return cfg.override(overrides or [])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = [
+    "AttentionImpl", "CODEC_SPECS", "CodecKind", "Config", "ConfigError", "DataConfig", "Experimental", "FrozenMap",
+    "GroupNorm", "MeshConfig", "ModelConfig", "Optimizer", "RetNetMode", "STOP_TOKEN", "Schedule", "TokenizerKind",
+    "TrainConfig", "compute_dtype", "load_config", "load_reference_yaml", "load_yaml", "parse_assignment", "plain",
+    "runtime_config", "save_config", "save_yaml",
+]  # fmt: skip

@@ -24,8 +24,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from valle_jax.config import ConfigError, ModelConfig, load_yaml
+from valle_jax.config import ConfigError, ModelConfig, load_yaml, parse_assignment
 from valle_jax.fileio import atomic_write
+from valle_jax.models import backbone as backbones
 
 STATE_PREFIX_RENAMES = (("retnet.", "model."),)  # legacy RetNet checkpoints (spec 7.5)
 
@@ -236,76 +237,64 @@ def read_reference(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, A
 # config inference (spec 7.6)
 
 
-def _manifest_heads(path: Path) -> int | None:
-    """Heads cannot be read from weights: a `fixtures.json` manifest beside the file may name them."""
-    manifest = path.parent / "fixtures.json"
-    if not manifest.is_file():
-        return None
-    try:
-        variants = json.loads(manifest.read_text()).get("variants", {})
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    for v in variants.values():
-        if isinstance(v, dict) and v.get("checkpoint") == path.name:
-            return v.get("dims", {}).get("heads")
-    return None
-
-
 def infer_config(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: Path, heads: int | None = None) -> ModelConfig:
-    """Shapes from the keys, flags from the metadata `config`, heads from the caller / manifest / dim / 64."""
+    """A new config: shapes and the backbone from the keys, flags from the metadata `config`, heads from the caller,
+    then our own export's `userdata`, then dim / 64 (every release)."""
     src = str(path)
     if "text_emb.weight" not in tensors:
         raise CheckpointError(f"{src}: missing key 'text_emb.weight' (not a VALL-E checkpoint?)")
     if any(re.match(r"(proms|resps)_emb\.weight\.\d+$", k) for k in tensors):
         raise CheckpointError(f"{src}: version 4 checkpoint (per-level scalar weights 'proms_emb.weight.N'); unsupported")
     meta_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    cfg = ModelConfig.from_reference(meta_cfg, where=f"{src}: metadata config") if meta_cfg else ModelConfig()
     if meta_cfg is None:
         warnings.warn(f"{src}: no 'config' metadata; flags fall back to the release settings (spec 1.7)", stacklevel=2)
+    meta_arch = (meta_cfg or {}).get("arch_type")
+    if meta_arch is not None and meta_arch not in backbones.names():
+        raise CheckpointError(f"{src}: unsupported arch_type {meta_arch!r} in metadata (supported: {', '.join(backbones.names())})")
+    found = [b for b in backbones.all_backbones() if b.matches_keys is not None and b.matches_keys(tensors)]
+    if len(found) != 1:
+        what = "no known backbone" if not found else f"several backbones ({', '.join(b.name for b in found)})"
+        raise CheckpointError(f"{src}: the 'model.layers.*' keys match {what}")
+    arch = found[0]
 
     text_rows, d = tensors["text_emb.weight"].shape
-    cfg.dim, cfg.text_tokens = int(d), int(text_rows)
     levels = sorted(int(m.group(1)) for k in tensors if (m := re.match(r"resps_emb\.embeddings\.(\d+)\.weight$", k)))
     if not levels:
         raise CheckpointError(f"{src}: missing key 'resps_emb.embeddings.0.weight'")
-    cfg.resp_levels = levels[-1] + 1
     layer_ids = [int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))]
     if not layer_ids:
         raise CheckpointError(f"{src}: missing keys 'model.layers.0.*' (no backbone)")
-    cfg.layers = max(layer_ids) + 1
-    is_retnet = any(".retention." in k for k in tensors)
-    meta_arch = (meta_cfg or {}).get("arch_type")
-    if meta_arch is not None and meta_arch not in ("llama", "retnet"):
-        raise CheckpointError(f"{src}: unsupported arch_type {meta_arch!r} in metadata (supported: llama, retnet)")
-    cfg.arch_type = "retnet" if is_retnet else "llama"
     version = 5 if "rvq_l_emb.weight" in tensors else 3 if "langs_emb.weight" in tensors or "tasks_emb.weight" in tensors else 2
     if meta_cfg and meta_cfg.get("version", version) != version:
         warnings.warn(f"{src}: metadata says version {meta_cfg.get('version')}, keys say {version}; using {version}", stacklevel=2)
-    cfg.version = version
-    for table, field in (("tasks_emb.weight", "tasks"), ("langs_emb.weight", "langs"), ("tones_emb.weight", "tones")):
-        setattr(cfg, field, int(tensors[table].shape[0]) if table in tensors else 0)
-    cfg.embed_tokens = "model.embed_tokens.weight" in tensors
-    cfg.dropout_token = "dropout_token" in tensors
-    cfg.experimental.split_classifiers = any(k.startswith("classifiers.proj.") for k in tensors)
-    if meta_cfg is None:  # spec 1.7 fallbacks
-        cfg.capabilities = ["ar"] if cfg.resp_levels == 1 else ["ar", "nar"]
-        cfg.experimental.unified_position_ids = not (cfg.arch_type == "llama" and cfg.experimental.split_classifiers)
-    if cfg.arch_type == "llama":
-        cfg.ffn = int(tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]) if "model.layers.0.mlp.gate_proj.weight" in tensors else None
-    else:
-        cfg.ffn = int(tensors["model.layers.0.ffn.fc1.weight"].shape[0]) if "model.layers.0.ffn.fc1.weight" in tensors else None
-
     userdata = meta.get("userdata") if isinstance(meta.get("userdata"), dict) else {}
-    heads = heads or _manifest_heads(path) or (userdata.get("valle_jax") or {}).get("heads")
+    heads = heads or (userdata.get("valle_jax") or {}).get("heads")
     if heads is None:
         if d % 64:
             raise CheckpointError(f"{src}: dim {d} is not a multiple of 64; give the number of heads (heads=N)")
         heads = d // 64  # every release: head_dim 64 (spec 7.6)
-    cfg.heads = int(heads)
-    kproj = tensors.get("model.layers.0.self_attn.k_proj.weight")
-    if kproj is not None and kproj.shape[0] != d:
-        cfg.experimental.kv_heads = int(kproj.shape[0]) // (d // cfg.heads)
-    return cfg
+
+    fields: dict[str, Any] = {
+        "arch_type": arch.name, "version": version, "dim": int(d), "text_tokens": int(text_rows),
+        "resp_levels": levels[-1] + 1, "layers": max(layer_ids) + 1, "heads": int(heads),
+        "embed_tokens": "model.embed_tokens.weight" in tensors, "dropout_token": "dropout_token" in tensors,
+    }  # fmt: skip
+    for table, name in (("tasks_emb.weight", "tasks"), ("langs_emb.weight", "langs"), ("tones_emb.weight", "tones")):
+        fields[name] = int(tensors[table].shape[0]) if table in tensors else 0
+    split = any(k.startswith("classifiers.proj.") for k in tensors)
+    experimental: dict[str, Any] = {"split_classifiers": split}
+    if meta_cfg is None:  # spec 1.7 fallbacks
+        fields["capabilities"] = ["ar"] if fields["resp_levels"] == 1 else ["ar", "nar"]
+    if arch.config_from_keys is not None:
+        for key, value in arch.config_from_keys(tensors, {**fields, "split_classifiers": split}, meta_cfg is not None).items():
+            (experimental if key.startswith("experimental.") else fields)[key.removeprefix("experimental.")] = value
+    data = ModelConfig.clean_reference(meta_cfg or {})
+    data.update(fields)
+    data["experimental"] = {**data["experimental"], **experimental}
+    try:
+        return ModelConfig.from_dict(data, strict=False, where=f"{src}: metadata config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,7 +377,7 @@ def load_reference(path: str | Path, overrides: list[str] | dict | None = None, 
     """Read a reference .sft/.pth -> (config, params in the file's dtypes, reference metadata for export)."""
     path = Path(path)
     tensors, meta, container = read_reference(path)
-    overrides = dict(overrides) if isinstance(overrides, dict) else {k: v for k, v in (_kv(a) for a in overrides or [])}
+    overrides = dict(overrides) if isinstance(overrides, dict) else dict(parse_assignment(a) for a in overrides or [])
     heads = heads or overrides.pop("heads", None)
     cfg = infer_config(tensors, meta, path, heads)
     if config is not None:
@@ -397,13 +386,15 @@ def load_reference(path: str | Path, overrides: list[str] | dict | None = None, 
         for key in ("dim", "layers", "ffn", "resp_levels", "text_tokens", "tasks", "langs", "tones", "embed_tokens", "dropout_token"):
             yaml_cfg[key] = base[key]  # shapes always come from the checkpoint
         yaml_cfg["experimental"]["split_classifiers"] = base["experimental"]["split_classifiers"]
-        cfg = ModelConfig.from_dict(yaml_cfg)
+        try:
+            cfg = ModelConfig.from_dict(yaml_cfg)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from e
     if overrides:
-        cfg = cfg.override(overrides)
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        try:
+            cfg = cfg.override(overrides)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from e
     params = state_to_params(tensors, cfg, str(path))
     reference = {"container": container, "keys": list(tensors), "metadata": _raw_metadata(path, meta, container),
                  "dtypes": sorted({str(a.dtype) for a in tensors.values()})}  # fmt: skip
@@ -419,14 +410,12 @@ def load_any(path: str | Path, heads: int | None = None, overrides: list[str] | 
 
         cfg, params, _ = load_model_dir(path)
         if overrides:
-            cfg = cfg.override(overrides).validate()
+            cfg = cfg.override(overrides)
     else:
         cfg, params, _ = load_reference(path, overrides, heads=heads)
-    return cfg, {k: v for k, v in _cast_tree(params, dtype).items()}
+    from valle_jax.checkpoint import cast_tree
 
-
-def _cast_tree(tree: dict, dtype: Any) -> dict:
-    return {k: _cast_tree(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+    return cfg, cast_tree(params, dtype)
 
 
 def _raw_metadata(path: Path, meta: dict, container: str) -> dict:
@@ -439,15 +428,6 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n)).get("__metadata__", {}) or {}
-
-
-def _kv(text: str) -> tuple[str, Any]:
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
-    k, v = text.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
 
 
 def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = None) -> Path:

@@ -24,3 +24,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
+    """`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), mode)

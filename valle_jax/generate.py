@@ -15,7 +15,7 @@ Shapes: B slots, T/P/R text/prompt/response buckets, Q levels, C causal_size, V 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,11 @@ import numpy as np
 
 from valle_jax import sampling
 from valle_jax.config import ModelConfig
-from valle_jax.models.valle import VALLE, Batch
+from valle_jax.layout import Batch, before_stop, make_batch, prefix_rows
+from valle_jax.models import backbone
+from valle_jax.models.valle import VALLE
 
 Array = jax.Array
-NARSampler = Callable[[Array, Array], Array]  # (logits [B, R, V] float32, key) -> tokens [B, R]
 
 
 class ARResult(NamedTuple):
@@ -51,47 +52,19 @@ class DecodeState(NamedTuple):
     finite: Array  # [B] every logit the slot sampled from was finite (NaN weights/activations are reported)
 
 
-def bucket(n: int, buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)) -> int:
-    """The smallest bucket >= n (multiples of the largest beyond it): a job compiles a few shapes only."""
-    for b in buckets:
-        if n <= b:
-            return b
-    return -(-n // buckets[-1]) * buckets[-1]
-
-
 def greedy_params(batch: int) -> sampling.SamplingParams:
     return sampling.make_params(batch, temperature=0.0)
 
 
-def greedy_nar(logits_BRV: Array, key: Array) -> Array:
-    return jnp.argmax(logits_BRV, axis=-1).astype(jnp.int32)
-
-
-def prefix_rows(cfg: ModelConfig, text_bucket: int, prom_bucket: int) -> int:
-    return text_bucket + prom_bucket + (4 if cfg.has_rvq_token else 2)
-
-
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:
-    """The backbone's incremental state: a preallocated KV cache (Llama) or the retention state (RetNet)."""
-    if cfg.arch_type == "retnet":
-        from valle_jax.models.retnet import init_state
-
-        return init_state(cfg, batch)
-    from valle_jax.models.llama import init_kv_cache
-
-    return init_kv_cache(cfg, batch, max_len)
+    """The backbone's incremental state (a KV cache, a retention state...) for `batch` slots of `max_len` rows."""
+    return backbone.get(cfg.arch_type).init_state(cfg, batch, max_len)
 
 
 def _rows(x_BSV: Array, start_B: Array, n: int) -> Array:
     """x[b, start_b : start_b + n] for every item."""
     idx = start_B[:, None] + jnp.arange(n)[None, :]
     return jnp.take_along_axis(x_BSV, idx[..., None], axis=1)
-
-
-def _step_kw(cfg: ModelConfig) -> dict:
-    """RetNet decode steps use the parallel form with the carried state: it equals the whole-sequence parallel
-    output to round-off (a 1-row chunkwise step is the noisiest form, spec reference-retnet 3.12)."""
-    return {"mode": "parallel"} if cfg.arch_type == "retnet" else {}
 
 
 def _ar_batch(batch: Batch, resp_BN: Array, resp_len_B: Array) -> Batch:
@@ -173,7 +146,7 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, key: Array, max_i
         t = s.count[:, None] + jnp.arange(C)[None, :]
         pos = (s.resp_start[:, None] + t) if unified else t
         h, cache = model.apply({"params": params}, x, pos.astype(jnp.int32), jnp.broadcast_to(active[:, None], (B, C)),
-                               s.cache, method=VALLE.backbone, **_step_kw(cfg))  # fmt: skip
+                               s.cache, step=True, method=VALLE.backbone)  # fmt: skip
         logits = jnp.where(active[:, None, None], _ar_logits(model, params, h), s.logits)
         finite = s.finite & ~(s.active & ~jnp.isfinite(s.logits).all(axis=(1, 2)))
         s = s._replace(cache=cache, logits=logits, tokens=tokens, count=count, active=active,
@@ -184,11 +157,12 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, key: Array, max_i
     return state, key
 
 
-def result_of(state: DecodeState, stop: int) -> ARResult:
-    idx = jnp.arange(state.tokens.shape[1])[None, :]
-    is_stop = (state.tokens == stop) & (idx < state.count[:, None])
-    length = jnp.where(jnp.any(is_stop, -1), jnp.argmax(is_stop, -1), state.count).astype(jnp.int32)
-    return ARResult(state.tokens, state.count, length)
+def stop_result(tokens_BN: Array, count_B: Array, stop: int) -> ARResult:
+    """Tokens before each item's first stop token (among its first `count` tokens), as the reference returns."""
+    idx = jnp.arange(tokens_BN.shape[1])[None, :]
+    is_stop = (tokens_BN == stop) & (idx < count_B[:, None])
+    length = jnp.where(jnp.any(is_stop, -1), jnp.argmax(is_stop, -1), count_B).astype(jnp.int32)
+    return ARResult(tokens_BN, count_B, length)
 
 
 def ar_generate(
@@ -213,7 +187,7 @@ def ar_generate(
     sp = sampling_params if sampling_params is not None else greedy_params(B)
     state = insert(state, jnp.arange(B), cache, logits, start, limit, sp)
     state, _ = decode(cfg, params, state, jax.random.key(0) if key is None else key, n_iter)
-    return result_of(state, cfg.stop_token)
+    return stop_result(state.tokens, state.count, cfg.stop_token)
 
 
 def ar_generate_full(cfg: ModelConfig, params: dict, batch: Batch, max_steps: int, *, key: Array | None = None,
@@ -244,10 +218,7 @@ def ar_generate_full(cfg: ModelConfig, params: dict, batch: Batch, max_steps: in
     init = (jnp.int32(0), jnp.zeros((B, N), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.ones((B,), bool),
             sampling.init_mirostat_mu(sp), jax.random.key(0) if key is None else key)  # fmt: skip
     _, buf, count, _, _, _ = jax.lax.while_loop(cond, body, init)
-    idx = jnp.arange(N)[None, :]
-    is_stop = (buf == stop) & (idx < count[:, None])
-    length = jnp.where(jnp.any(is_stop, -1), jnp.argmax(is_stop, -1), count).astype(jnp.int32)
-    return ARResult(buf, count, length)
+    return stop_result(buf, count, stop)
 
 
 def nar_generate(
@@ -332,8 +303,6 @@ class ARScheduler:
         while n < len(take):
             n *= 2
         n = min(n, self.slots)
-        from valle_jax.models.valle import make_batch
-
         items = [{"text": t["text"], "prom": t["prom"], "resp": np.zeros((1, 1), np.int32)} for _, t in take]
         items += [items[0]] * (n - len(items))  # bucket padding: inserted at a dropped index
         batch = make_batch(items, pad_to={"text": self.text_bucket, "prom": self.prom_bucket})
@@ -343,8 +312,8 @@ class ARScheduler:
         slots[: len(take)] = free[: len(take)]
         limit = np.array([t["max_tokens"] for _, t in take] + [1] * (n - len(take)), np.int32)
         sp = [t["params"] for _, t in take] + [take[0][1]["params"]] * (n - len(take))
-        params = jax.tree.map(lambda *xs: jnp.concatenate(xs), *sp)
-        self.state = _insert_jit(self.state, jnp.asarray(slots), cache, logits, start, jnp.asarray(limit), params)
+        self.state = _insert_jit(self.state, jnp.asarray(slots), cache, logits, start, jnp.asarray(limit),
+                                 sampling.stack_params(sp))
         for (item_id, _), s in zip(take, free):
             self.owner[s] = item_id
 
@@ -363,6 +332,5 @@ class ARScheduler:
             tokens, count, finite = (np.asarray(a) for a in (self.state.tokens, self.state.count, self.state.finite))
             for i in done:
                 raw = tokens[i, : count[i]]
-                hits = np.nonzero(raw == stop)[0]
-                yield self.owner[i], raw, raw[: hits[0]] if len(hits) else raw, bool(finite[i])
+                yield self.owner[i], raw, before_stop(raw, stop), bool(finite[i])
                 self.owner[i] = None

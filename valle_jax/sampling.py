@@ -1,7 +1,8 @@
 """Logit samplers of the reference VALL-E (mrq, commit 054d285), as pure JAX functions.
 
 Everything here follows ``/work/shared/spec/reference-model.md`` section 6.4 (the pipeline of
-``Base.sample``) and 6.5 (defaults).  All functions are pure, work under ``jax.jit`` with static
+``Base.sample``) and 6.5 (defaults).  All functions are pure and carry no ``jax.jit`` of their own: they
+run inside the one compiled decode program of ``generate.py`` (and eagerly in tests).  They work with static
 shapes, and take their settings as (possibly traced) arrays, so one batch may mix settings per item
 (e.g. item 0 greedy, item 1 sampled) and the whole sampler can sit inside a ``lax.while_loop``.
 
@@ -51,7 +52,7 @@ Deliberate choices where the reference is undefined, crashes or is not reproduci
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -60,11 +61,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from valle_jax.config import STOP_TOKEN
+
 __all__ = [
     "STOP_TOKEN",
     "MIROSTAT_N",
+    "SETTINGS",
+    "INT_SETTINGS",
+    "NAR_SETTINGS",
     "SamplingParams",
     "make_params",
+    "stack_params",
     "ar_defaults",
     "nar_defaults",
     "ARSample",
@@ -91,7 +98,6 @@ __all__ = [
     "sample_nar",
 ]
 
-STOP_TOKEN = 1024  # AR stop token id (audio tokens 0..1023, stop = 1024)
 MIROSTAT_N = 1024  # "n" of the reference's mirostat state
 MIROSTAT_TERMS = 100  # s is estimated from the first 100 ratios of sorted probabilities
 DYNAMIC_TEMPERATURE_THRESHOLD = 1e-3
@@ -138,19 +144,12 @@ class SamplingParams:
         return int(self.temperature.shape[0])
 
 
-_FLOAT_FIELDS = (
-    "temperature",
-    "min_temperature",
-    "top_p",
-    "repetition_penalty",
-    "repetition_penalty_decay",
-    "length_penalty",
-    "mirostat_tau",
-    "mirostat_eta",
-    "dry_multiplier",
-    "dry_base",
-)
-_INT_FIELDS = ("top_k", "dry_allowed_length")
+# The per-item settings (the traced fields of SamplingParams), which of them are integers, and the ones the NAR
+# sampler reads (the reference's NAR loop passes only these).
+SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("pytree_node", True))
+INT_SETTINGS = ("top_k", "dry_allowed_length")
+NAR_SETTINGS = ("temperature", "min_temperature", "top_k", "top_p")
+
 
 # Base.sample / AR_NAR.forward keyword defaults (AR_NAR.forward: mirostat eta 0.1).
 _FORWARD_AR = dict(
@@ -185,18 +184,23 @@ _PRESETS_NAR = {
 def make_params(batch_size: int, *, beam_width: int = 0, mirostat_shared: bool = True, **settings) -> SamplingParams:
     """Build ``SamplingParams``; every setting is a scalar (broadcast) or a length-``batch_size`` list.
     Settings not given take the ``AR_NAR.forward`` defaults (``_FORWARD_AR``); an unknown name is refused."""
-    unknown = sorted(set(settings) - set(_FLOAT_FIELDS) - set(_INT_FIELDS))
+    unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"make_params: unknown sampler setting(s) {unknown}")
-    values = {name: settings.get(name, _FORWARD_AR[name]) for name in (*_FLOAT_FIELDS, *_INT_FIELDS)}
+    values = {name: settings.get(name, _FORWARD_AR[name]) for name in SETTINGS}
     arrays = {}
     for name, v in values.items():
-        dtype = jnp.int32 if name in _INT_FIELDS else jnp.float32
+        dtype = jnp.int32 if name in INT_SETTINGS else jnp.float32
         a = jnp.asarray(v, dtype=dtype)
         if a.ndim > 1 or (a.ndim == 1 and a.shape[0] != batch_size):
             raise ValueError(f"{name}: expected a scalar or shape [{batch_size}], got {a.shape}")
         arrays[name] = jnp.broadcast_to(a, (batch_size,))
     return SamplingParams(**arrays, beam_width=int(beam_width), mirostat_shared=bool(mirostat_shared))
+
+
+def stack_params(per_item: Sequence[SamplingParams]) -> SamplingParams:
+    """One SamplingParams of the items' settings, in order (static options from the first)."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_item)
 
 
 def _preset(table, preset, batch_size, overrides):
@@ -244,7 +248,6 @@ def init_beam_scores(beam_width: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
-@jax.jit
 def greedy(logits: jax.Array) -> jax.Array:
     """Argmax per row (first index on ties, like torch)."""
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -258,7 +261,6 @@ def _token_mask(history, length, vocab):
     return jnp.where(ok, history, vocab).astype(jnp.int32), pos
 
 
-@jax.jit
 def repetition_penalty(logits, history, length, factor, decay):
     """Reference ``reptition_penalize`` (one_time=True) over a padded history.
 
@@ -276,7 +278,6 @@ def repetition_penalty(logits, history, length, factor, decay):
     return jnp.where(factor != 1.0, logits / divisor, logits)
 
 
-@functools.partial(jax.jit, static_argnames=('stop_token',))
 def length_penalty(logits, length, factor, stop_token: int = STOP_TOKEN):
     """Stop-token logit divided by ``(length + 1) ** factor`` (``length`` = tokens generated so far).
 
@@ -293,7 +294,6 @@ def _per_row(x, logits):
     return jnp.broadcast_to(jnp.asarray(x), logits.shape[:-1])[..., None]
 
 
-@jax.jit
 def top_k_filter(logits, top_k):
     """Keep logits >= the k-th largest (k clamped to [1, V]); others -inf.  No-op when ``top_k <= 0``."""
     logits = jnp.asarray(logits)
@@ -306,7 +306,6 @@ def top_k_filter(logits, top_k):
     return jnp.where(k > 0, out, logits)
 
 
-@jax.jit
 def top_p_filter(logits, top_p):
     """Nucleus filter of the reference (no-op when ``top_p >= 1``).
 
@@ -325,13 +324,11 @@ def top_p_filter(logits, top_p):
     return jnp.where(remove & (p < 1.0), _NEG_INF, logits)
 
 
-@jax.jit
 def top_k_top_p_filter(logits, top_k, top_p):
     """Top-k, then top-p (each only where enabled)."""
     return top_p_filter(top_k_filter(logits, top_k), top_p)
 
 
-@jax.jit
 def dynamic_temperature(logits, temperature, min_temperature):
     """Per row: p_max = 1/sum(exp(l - max)); T = T - (T - T_min)/(1 + exp(-10 (p_max - 0.5)))."""
     logits = jnp.asarray(logits)
@@ -344,7 +341,6 @@ def dynamic_temperature(logits, temperature, min_temperature):
     return logits / t_dyn.astype(logits.dtype)
 
 
-@jax.jit
 def apply_temperature(logits, temperature, min_temperature=-1.0):
     """Step 10 (with step 1): dynamic temperature when |T - T_min| >= 0.001, else ``logits / T``.
 
@@ -360,7 +356,6 @@ def apply_temperature(logits, temperature, min_temperature=-1.0):
     return jnp.where(_per_row(dyn, logits), dynamic_temperature(logits, t, tmin), plain)
 
 
-@functools.partial(jax.jit, static_argnames=('max_match',))
 def dry_penalty(logits, history, length, multiplier, base=1.75, allowed_length=2,
                 max_match: Optional[int] = None):
     """Reference ``dry_sampling`` with its quirks, over a padded history [N] of which ``length`` are used.
@@ -415,7 +410,6 @@ def dry_penalty(logits, history, length, multiplier, base=1.75, allowed_length=2
     return jnp.where(multiplier > 0.0, out, logits)
 
 
-@functools.partial(jax.jit, static_argnames=('n',))
 def mirostat_k(sorted_logits, mu, n: int = MIROSTAT_N):
     """Mirostat's k (already +1) from descending-sorted logits [V] and the current mu (max_surprise).
 
@@ -442,7 +436,6 @@ def mirostat_k(sorted_logits, mu, n: int = MIROSTAT_N):
     return kr.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('n',))
 def mirostat_sample(logits_row, mu, tau, eta, key, n: int = MIROSTAT_N):
     """One mirostat draw from a row [V]; returns (token, new_mu, surprise).
 
@@ -462,7 +455,6 @@ def mirostat_sample(logits_row, mu, tau, eta, key, n: int = MIROSTAT_N):
     return order[choice].astype(jnp.int32), new_mu, surprise
 
 
-@functools.partial(jax.jit, static_argnames=('shared', 'n'))
 def mirostat_batch(rows, mu, tau, eta, keys, active, shared: bool = True, n: int = MIROSTAT_N):
     """Mirostat over a batch of rows [B, V] with state mu [B]; only ``active`` items take part.
 
@@ -487,7 +479,6 @@ def mirostat_batch(rows, mu, tau, eta, keys, active, shared: bool = True, n: int
     return jnp.where(active, tok_final, -1), jnp.full_like(mu, m_final)
 
 
-@functools.partial(jax.jit, static_argnames=('beam_width',))
 def beam_search_step(logits, scores, beam_width: int, first_step=False):
     """The reference's naive beam step over rows [R, V] (tempered logits) and running scores [W].
 
@@ -503,13 +494,11 @@ def beam_search_step(logits, scores, beam_width: int, first_step=False):
     return (flat % vocab).astype(jnp.int32), scores + vals, (flat // vocab).astype(jnp.int32)
 
 
-@jax.jit
 def categorical(key, logits):
     """Sample each row of logits [..., V] (one key covers all rows)."""
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size',))
 def item_keys(key, batch_size: int):
     """Per-item keys: ``fold_in(key, i)``; item i's randomness does not depend on the batch size."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
@@ -543,7 +532,6 @@ def _filter_and_temper(x, params):
     return x, is_greedy
 
 
-@functools.partial(jax.jit, static_argnames=('stop_token', 'dry_max_match'))
 def process_logits_ar(logits, history, history_len, params: SamplingParams, *,
                       stop_token: int = STOP_TOKEN, dry_max_match: Optional[int] = None):
     """Steps 1-11 on AR logits [B, C, V]; returns (processed [B, C, V], is_greedy [B], argmax [B, C]).
@@ -567,7 +555,6 @@ def process_logits_ar(logits, history, history_len, params: SamplingParams, *,
     return x, is_greedy, argmax
 
 
-@jax.jit
 def process_logits_nar(logits, params: SamplingParams):
     """Steps 1, 9, 10 on NAR logits [B, T, V]; returns (processed, is_greedy [B], argmax [B, T])."""
     x0 = jnp.asarray(logits).astype(jnp.float32)
@@ -584,7 +571,6 @@ class ARSample(NamedTuple):
     beam_source: jax.Array  # [B] source row of each beam slot's token (arange when beam is off)
 
 
-@functools.partial(jax.jit, static_argnames=('stop_token', 'dry_max_match', 'mirostat_n'))
 def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
               mirostat_mu=None, beam_scores=None, beam_first_step=None,
               stop_token: int = STOP_TOKEN, dry_max_match: Optional[int] = None,
@@ -653,7 +639,6 @@ def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
     return ARSample(tokens, num, new_mu, new_scores, bsrc)
 
 
-@jax.jit
 def sample_nar(logits, params: SamplingParams, key) -> jax.Array:
     """NAR sampler: logits [B, T, V] -> tokens [B, T] (temperature/min_temperature/top_k/top_p only)."""
     logits = jnp.asarray(logits)

@@ -14,7 +14,8 @@ A run resumes by itself from the newest complete checkpoint in its run directory
 comes from that checkpoint; data, train and mesh settings from the current config, so `train.steps=...`
 extends a run). Otherwise it starts from scratch, or from `train.init_from` (a valle_jax model directory or a
 reference .sft/.pth): the model block then comes from that checkpoint, and of the run config's model block
-only training-time fields that differ from their defaults are applied (`INIT_FROM_FIELDS`).
+only training-time fields that differ from their defaults are applied (`INIT_FROM_FIELDS`). Attention heads cannot
+be read from weights: a reference file takes the run config's `model.heads` when set, else dim / 64 (releases).
 
 SIGTERM or SIGINT (preemption): the current step finishes, a checkpoint is written, the process exits 0
 (a second SIGINT interrupts at once). A NaN/inf loss or gradient skips the update; after
@@ -33,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -45,12 +45,12 @@ from typing import Any, Callable
 import numpy as np
 
 from valle_jax.config import Config, ConfigError, ModelConfig, load_config, save_config
+from valle_jax.fileio import atomic_write, atomic_write_text
 
 DataFn = Callable[[Config, str, int, int], Any]
 EXIT_DIVERGED = 3
 INIT_FROM_FIELDS = ("dropout", "loss_factors", "training", "frozen_params", "attention_impl",
                     "experimental.p_rvq_levels", "experimental.rvq_level_range")  # fmt: skip
-NAN_STEPS_ENV = "VALLE_JAX_TEST_NAN_STEPS"  # tests: comma-separated step numbers whose loss is made NaN
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,9 +110,7 @@ class RunLog:
                     continue
                 if rec.get("step", 0) <= start_step:
                     self.records.append(rec)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         try:
             from tensorboardX import SummaryWriter
 
@@ -170,10 +168,8 @@ def write_curves(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,14 +225,14 @@ def _differs_from_default(cfg: ModelConfig, dotted: str) -> tuple[bool, Any]:
 
 def model_from_init(cfg: Config) -> tuple[ModelConfig, dict, dict]:
     """(model config, float32 params, reference metadata) of `train.init_from`."""
-    from valle_jax.checkpoint import load_model_dir
+    from valle_jax.checkpoint import cast_tree, load_model_dir
     from valle_jax.convert import load_reference
 
     path = Path(cfg.train.init_from)
     if path.is_dir():
         mcfg, params, reference = load_model_dir(path)
     elif path.is_file():
-        mcfg, params, reference = load_reference(path)
+        mcfg, params, reference = load_reference(path, heads=cfg.model.heads)
     else:
         raise ConfigError(f"train.init_from = {str(path)!r}: no such model directory or checkpoint file")
     overrides = {}
@@ -247,12 +243,7 @@ def model_from_init(cfg: Config) -> tuple[ModelConfig, dict, dict]:
     if overrides:
         mcfg = mcfg.override(overrides)
     mcfg = dataclasses.replace(mcfg, dtype=cfg.model.dtype)
-    params = _cast(params, np.float32)
-    return mcfg.validate(), params, reference
-
-
-def _cast(tree: dict, dtype) -> dict:
-    return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+    return mcfg, cast_tree(params, np.float32), reference
 
 
 def export_model(cfg: Config, params_host: dict, reference: dict, run_dir: Path) -> Path:
@@ -273,38 +264,16 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
-def train(cfg: Config, data_fn: DataFn | None = None, nan_steps: tuple[int, ...] = (), progress: bool = True) -> dict:
-    """Run (or resume) training as configured. Returns {"status": done|stopped|diverged, "step", "run_dir",
-    "export" (path or None), "reason"}. Raises TrainingDiverged after train.max_bad_steps NaN/inf steps in a row
-    (after saving a checkpoint)."""
-    import absl.flags
-
-    if not absl.flags.FLAGS.is_parsed():
-        absl.flags.FLAGS.mark_as_parsed()  # grain reads absl flags (its worker processes too)
-
-    from valle_jax import parallel
-
-    parallel.initialize_distributed(cfg.train)
-    import jax
-
-    from valle_jax.checkpoint import TrainCheckpoints
-    from valle_jax.train_state import Trainer, summarize
-
-    pi, pc = jax.process_index(), jax.process_count()
-    primary = pi == 0
-    run_dir = Path(cfg.train.run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_fn = data_fn or default_data_fn(cfg)
-    say = (lambda *a: print(*a, flush=True)) if primary else (lambda *a: None)  # noqa: E731
-
-    ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    latest = ckpts.latest_step()
+def resolve_run(cfg: Config, run_dir: Path, resuming: bool, primary: bool) -> tuple[Config, dict, dict | None]:
+    """The run's config, reference metadata and initial params: a resumed run keeps the model it trained (shapes
+    may come from an init_from checkpoint); a new one starts from `train.init_from` or from scratch (params None).
+    Writes config.yaml (and reference.json) on the primary process."""
     reference: dict = {}
     ref_file = run_dir / "reference.json"
     init_params = None
-    if latest is not None:
+    if resuming:
         saved_cfg = run_dir / "config.yaml"
-        if saved_cfg.is_file():  # the model as trained so far (shapes may come from an init_from checkpoint)
+        if saved_cfg.is_file():
             cfg = dataclasses.replace(cfg, model=load_config(saved_cfg).model)
         if ref_file.is_file():
             reference = json.loads(ref_file.read_text())
@@ -312,121 +281,183 @@ def train(cfg: Config, data_fn: DataFn | None = None, nan_steps: tuple[int, ...]
         mcfg, init_params, reference = model_from_init(cfg)
         cfg = dataclasses.replace(cfg, model=mcfg)
         if primary:
-            ref_file.write_text(json.dumps(reference, indent=1))
+            atomic_write_text(ref_file, json.dumps(reference, indent=1))
     if primary:
         save_config(cfg, run_dir / "config.yaml")
+    return cfg, reference, init_params
 
-    trainer = Trainer(cfg, nan_steps=nan_steps)
+
+class MetricsWindow:
+    """Step metrics -> a log record every `train.log_every` steps (loss, accuracy per level, lr, tokens/s), and the
+    NaN/inf accounting: `add` returns the divergence message once `train.max_bad_steps` bad steps are in a row."""
+
+    def __init__(self, cfg: Config, trainer: Any, log: RunLog, bar: Any, say: Callable):
+        self.cfg, self.trainer, self.log, self.bar, self.say = cfg, trainer, log, bar, say
+        self.window: list[dict] = []
+        self.started = False  # the first step of a process includes compilation: not timed
+        self.tokens, self.steps = 0.0, 0
+        self.start = time.time()
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an eval) out of the throughput."""
+        self.start += seconds
+
+    def add(self, m_dev: dict) -> str | None:
+        import jax
+
+        from valle_jax.train_state import summarize
+
+        t = self.cfg.train
+        m = jax.tree.map(np.asarray, jax.device_get(m_dev))
+        s = int(m["step"])
+        diverged = None
+        if not bool(m["finite"]):
+            (self.bar.write if self.bar else self.say)(
+                f"step {s}: loss {float(m['loss']):.4g}, grad norm {float(m['grad_norm']):.4g}: not finite, update "
+                f"skipped ({int(m['bad_steps'])} in a row, {int(m['skipped'])} in total)")  # fmt: skip
+            if int(m["bad_steps"]) >= t.max_bad_steps:
+                diverged = (f"training diverged: {int(m['bad_steps'])} steps in a row (train.max_bad_steps = "
+                            f"{t.max_bad_steps}) had a NaN/inf loss or gradient, last at step {s}; params are those "
+                            f"of the last good step. Lower train.learning_rate or check the data.")  # fmt: skip
+        self.window.append(m)
+        now = time.time()
+        if not self.started:
+            self.started, self.start = True, now
+        else:
+            self.tokens += float(m["tokens"])
+            self.steps += 1
+        if s % t.log_every == 0 or s == t.steps:
+            dt = max(now - self.start, 1e-9)
+            rec = {"split": "train", "step": s, **summarize(self.window, self.cfg.model.resp_levels),
+                   "lr": self.trainer.learning_rate(s - int(m["skipped"])),
+                   "grad_norm": float(np.mean([float(w["grad_norm"]) for w in self.window])), "skipped": int(m["skipped"]),
+                   "tokens_per_s": self.tokens / dt, "steps_per_s": self.steps / dt, "time": now}  # fmt: skip
+            self.log.write(rec)
+            self.log.plot()
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"loss {rec['loss']:.3f} acc {rec['acc']:.3f} {_fmt_rate(rec['tokens_per_s'])} tok/s")
+            self.window.clear()
+            self.start, self.tokens, self.steps = time.time(), 0.0, 0
+        return diverged
+
+
+class Evaluator:
+    """Teacher-forced eval on the held-out split (loss and accuracy per level) and audio samples, every
+    `train.eval_every` steps; disabled (with one message) when the data has no eval split."""
+
+    def __init__(self, cfg: Config, trainer: Any, data_fn: DataFn, log: RunLog, bar: Any, say: Callable,
+                 run_dir: Path, primary: bool):  # fmt: skip
+        self.cfg, self.trainer, self.data_fn, self.log, self.bar, self.say = cfg, trainer, data_fn, log, bar, say
+        self.run_dir, self.primary = run_dir, primary
+        self.enabled = cfg.train.eval_every > 0
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.cfg.train.eval_every == 0
+
+    def __call__(self, state: dict, step: int) -> float:
+        """Evaluate; returns the seconds it took."""
+        import jax
+
+        from valle_jax import parallel
+        from valle_jax.train_state import summarize
+
+        t0 = time.time()
+        pi, pc = jax.process_index(), jax.process_count()
+        try:
+            it = self.data_fn(self.cfg, "eval", pi, pc)
+        except Exception as e:  # no held-out split: warn once, go on training
+            self.say(f"eval disabled: no eval data ({type(e).__name__}: {e})")
+            self.enabled = False
+            return time.time() - t0
+        stats = []
+        for _ in range(max(self.cfg.train.eval_batches, 1)):
+            b = next(it, None)
+            if b is None:
+                break
+            rows = np.shape(b["text"] if isinstance(b, dict) else b.text)[0] * pc
+            if rows % parallel.batch_divisor(self.trainer.mesh, self.trainer.rules):  # a ragged last batch: skipped
+                continue
+            stats.append(jax.tree.map(np.asarray, jax.device_get(self.trainer.eval_step(state, b))))
+        levels = self.cfg.model.resp_levels
+        if stats:
+            rec = {"split": "eval", "step": step, **summarize(stats, levels), "batches": len(stats), "time": time.time()}
+            self.log.write(rec)
+            per_level = " ".join(f"L{k}:{rec[f'loss_L{k}']:.3f}" for k in range(levels) if f"loss_L{k}" in rec)
+            (self.bar.write if self.bar else self.say)(f"eval @ {step}: loss {rec['loss']:.4f} acc {rec['acc']:.4f} [{per_level}]")
+        write_eval_samples(state, step, cfg=self.cfg, model_cfg=self.trainer.mcfg, run_dir=self.run_dir,
+                           trainer=self.trainer, primary=self.primary)  # fmt: skip
+        self.log.plot(force=True)
+        return time.time() - t0
+
+
+def train(cfg: Config, data_fn: DataFn | None = None, *, loss_fn: Callable | None = None, progress: bool = True) -> dict:
+    """Run (or resume) training as configured. Returns {"status": done|stopped, "step", "run_dir", "export" (path
+    or None), "reason", "state"}. Raises TrainingDiverged after train.max_bad_steps NaN/inf steps in a row (after
+    saving a checkpoint). `loss_fn` replaces the optimised loss (train_state.Trainer)."""
+    import absl.flags
+
+    if not absl.flags.FLAGS.is_parsed():
+        absl.flags.FLAGS.mark_as_parsed()  # grain reads absl flags (its worker processes too)
+    from valle_jax import parallel
+
+    parallel.initialize_distributed(cfg.train)
+    import jax
+
+    from valle_jax.checkpoint import TrainCheckpoints
+    from valle_jax.train_state import Trainer
+
+    # ----- the run directory, the model, the data, the state
+    pi, pc = jax.process_index(), jax.process_count()
+    primary = pi == 0
+    say = (lambda *a: print(*a, flush=True)) if primary else (lambda *a: None)  # noqa: E731
+    run_dir = Path(cfg.train.run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_fn = data_fn or default_data_fn(cfg)
+    ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    resuming = ckpts.latest_step() is not None
+    cfg, reference, init_params = resolve_run(cfg, run_dir, resuming, primary)
+    trainer = Trainer(cfg, loss_fn=loss_fn)
     say(f"valle_jax.train: mesh {parallel.describe(trainer.mesh)}; run dir {run_dir}")
-    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds its batch
-    # sizes to this multiple
-    multiple = math.lcm(max(1, int(cfg.data.batch_multiple)), trainer.batch_divisor)
-    if multiple != cfg.data.batch_multiple:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple))
+    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds to this multiple
+    multiple = math.lcm(cfg.data.batch_multiple, trainer.batch_divisor)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple))
     train_it = data_fn(cfg, "train", pi, pc)
-    if latest is not None:
+    if resuming:
         step, state, _ = ckpts.restore(trainer.abstract_state, train_it)
         say(f"resumed from checkpoint {step} ({ckpts.directory / str(step)})")
     else:
-        state = trainer.init_state(init_params)
-        step = 0
+        step, state = 0, trainer.init_state(init_params)
         say(f"started {'from ' + str(cfg.train.init_from) if cfg.train.init_from else 'from scratch'}")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
     say(f"model: {cfg.model.arch_type}, {n_params / 1e6:.2f}M params, compute {trainer.mcfg.dtype}; "
         f"optimizer {cfg.train.optimizer}, {cfg.train.steps} steps")  # fmt: skip
 
-    log = RunLog(run_dir, primary, step)
-    stop = StopFlag()
-    stop.install()
+    # ----- logging, evaluation, signals
     t = cfg.train
-    meta = lambda s: {"config": cfg.to_dict(), "step": int(s), "time": time.time(), "process_count": pc}  # noqa: E731
     bar = None
     if primary and progress:
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.1)  # fmt: skip
-
-    window: list[dict] = []
-    timed = {"started": False, "tokens": 0.0, "steps": 0}
-    pending: list[dict] = []
+    log = RunLog(run_dir, primary, step)
+    window = MetricsWindow(cfg, trainer, log, bar, say)
+    evaluator = Evaluator(cfg, trainer, data_fn, log, bar, say, run_dir, primary)
+    stop = StopFlag()
+    stop.install()
+    meta = lambda s: {"config": cfg.to_dict(), "step": int(s), "time": time.time(), "process_count": pc}  # noqa: E731
+    status, reason, diverged, export = "done", None, None, None
+    pending: list[dict] = []  # metrics of the step in flight: read one step late, so the host never waits
     last_saved = step
-    window_start = time.time()
-    status, reason, diverged_msg = "done", None, None
-    eval_enabled = t.eval_every > 0
 
-    def handle(m_dev: dict) -> None:
-        nonlocal window_start, diverged_msg
-        m = jax.tree.map(np.asarray, jax.device_get(m_dev))
-        s = int(m["step"])
-        if not bool(m["finite"]):
-            msg = (f"step {s}: loss {float(m['loss']):.4g}, grad norm {float(m['grad_norm']):.4g}: not finite, update "
-                   f"skipped ({int(m['bad_steps'])} in a row, {int(m['skipped'])} in total)")  # fmt: skip
-            (bar.write if bar else say)(msg)
-            if int(m["bad_steps"]) >= t.max_bad_steps:
-                diverged_msg = (f"training diverged: {int(m['bad_steps'])} steps in a row (train.max_bad_steps = "
-                                f"{t.max_bad_steps}) had a NaN/inf loss or gradient, last at step {s}; params are those "
-                                f"of the last good step. Lower train.learning_rate or check the data.")  # fmt: skip
-        window.append(m)
-        now = time.time()
-        if not timed["started"]:  # the first step of this process includes compilation: not timed
-            timed["started"], window_start = True, now
-        else:
-            timed["tokens"] += float(m["tokens"])
-            timed["steps"] += 1
-        if s % t.log_every == 0 or s == t.steps:
-            summ = summarize(window, cfg.model.resp_levels)
-            dt = max(now - window_start, 1e-9)
-            good = s - int(m["skipped"])
-            rec = {"split": "train", "step": s, **summ, "lr": trainer.learning_rate(good),
-                   "grad_norm": float(np.mean([float(w["grad_norm"]) for w in window])), "skipped": int(m["skipped"]),
-                   "tokens_per_s": timed["tokens"] / dt, "steps_per_s": timed["steps"] / dt, "time": now}  # fmt: skip
-            log.write(rec)
-            log.plot()
-            if bar is not None:
-                bar.set_postfix_str(f"loss {rec['loss']:.3f} acc {rec['acc']:.3f} {_fmt_rate(rec['tokens_per_s'])} tok/s")
-            window.clear()
-            window_start = time.time()
-            timed["tokens"], timed["steps"] = 0.0, 0
-
-    def run_eval(s: int) -> None:
-        nonlocal eval_enabled, window_start
-        t0 = time.time()
-        try:
-            it = data_fn(cfg, "eval", pi, pc)
-        except Exception as e:  # no held-out split: warn once, go on training
-            say(f"eval disabled: no eval data ({type(e).__name__}: {e})")
-            eval_enabled = False
-            return
-        stats = []
-        for _ in range(max(t.eval_batches, 1)):
-            try:
-                b = next(it)
-            except StopIteration:
-                break
-            rows = np.shape(b["text"] if isinstance(b, dict) else b.text)[0] * pc
-            if rows % parallel.batch_divisor(trainer.mesh, trainer.rules):  # a ragged last batch: not evaluated
-                continue
-            stats.append(jax.tree.map(np.asarray, jax.device_get(trainer.eval_step(state, b))))
-        if stats:
-            rec = {"split": "eval", "step": s, **summarize(stats, cfg.model.resp_levels), "batches": len(stats), "time": time.time()}
-            log.write(rec)
-            levels = " ".join(f"L{k}:{rec[f'loss_L{k}']:.3f}" for k in range(cfg.model.resp_levels) if f"loss_L{k}" in rec)
-            (bar.write if bar else say)(f"eval @ {s}: loss {rec['loss']:.4f} acc {rec['acc']:.4f} [{levels}]")
-        write_eval_samples(state, s, cfg=cfg, model_cfg=trainer.mcfg, run_dir=run_dir, trainer=trainer, primary=primary)
-        log.plot(force=True)
-        window_start += time.time() - t0
-
+    # ----- the loop
     try:
-        while step < t.steps:
+        while step < t.steps and diverged is None:
             # a signal is checked before the next batch is drawn, so the saved iterator matches the saved step
             if _agree(stop.reason is not None):
                 status, reason = "stopped", stop.reason or "another process was signalled"
                 break
-            try:
-                batch = next(train_it)
-            except StopIteration:
-                batch = None
+            batch = next(train_it, None)
             if _agree(batch is None):  # a train iterator should be endless; a finite one ends the run here
                 reason = f"the training data ran out at step {step}"
                 say(f"\n{reason}")
@@ -435,30 +466,24 @@ def train(cfg: Config, data_fn: DataFn | None = None, nan_steps: tuple[int, ...]
             step += 1
             pending.append(m)
             if len(pending) > 1:
-                handle(pending.pop(0))
+                diverged = window.add(pending.pop(0)) or diverged
             if bar is not None:
                 bar.update(1)
-            if diverged_msg is not None:
-                status = "diverged"
-                break
             if t.save_every > 0 and step % t.save_every == 0:
                 ckpts.save(step, state, train_it, meta(step))
                 last_saved = step
-            if eval_enabled and step % t.eval_every == 0:
-                run_eval(step)
-        while pending:
-            handle(pending.pop(0))
-        if diverged_msg is not None:
-            status = "diverged"
-        if step != last_saved or ckpts.latest_step() != step:
+            if evaluator.due(step):
+                window.pause(evaluator(state, step))
+        for m in pending:
+            diverged = window.add(m) or diverged
+        if step != last_saved and ckpts.latest_step() != step:
             ckpts.save(step, state, train_it, meta(step))
         ckpts.wait()
         if status == "stopped":
             say(f"\n{reason}: checkpoint {step} saved in {ckpts.directory}; rerun the same command to resume")
-        export = None
-        if status == "done":
-            if eval_enabled and step % max(t.eval_every, 1) != 0:
-                run_eval(step)
+        elif diverged is None:
+            if evaluator.enabled and step % max(t.eval_every, 1) != 0:
+                evaluator(state, step)
             params_host = parallel.to_host(state["params"])
             if primary:
                 export = export_model(cfg, params_host, reference, run_dir)
@@ -469,11 +494,10 @@ def train(cfg: Config, data_fn: DataFn | None = None, nan_steps: tuple[int, ...]
             bar.close()
         ckpts.close()
         log.close()
-    result = {"status": status, "step": step, "run_dir": str(run_dir), "export": str(export) if export else None,
-              "reason": reason, "state": state}  # fmt: skip
-    if status == "diverged":
-        raise TrainingDiverged(diverged_msg + f" Checkpoint {step} saved.")
-    return result
+    if diverged is not None:
+        raise TrainingDiverged(diverged + f" Checkpoint {step} saved.")
+    return {"status": status, "step": step, "run_dir": str(run_dir), "export": str(export) if export else None,
+            "reason": reason, "state": state}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -491,9 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    nan_steps = tuple(int(x) for x in os.environ.get(NAN_STEPS_ENV, "").split(",") if x.strip())
     try:
-        result = train(cfg, nan_steps=nan_steps)
+        result = train(cfg)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED

@@ -20,10 +20,7 @@ rngs {"dropout": key}); the key is `fold_in(key(train.seed), step)`, so a resume
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import threading
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,97 +31,43 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from valle_jax import parallel
-from valle_jax.config import Config, ConfigError, ModelConfig, TrainConfig
+from valle_jax.config import Config, ConfigError, ModelConfig, Optimizer, TrainConfig, runtime_config
+from valle_jax.layout import Batch, as_batch
 from valle_jax.models import loss as loss_lib
-from valle_jax.models.valle import VALLE, Batch, init_params, logical_axes
+from valle_jax.models.valle import VALLE, init_params, logical_axes
 
 State = dict[str, Any]
-
-# ---------------------------------------------------------------------------------------------------------
-# remat (activation checkpointing) of the decoder layers, by policy name
-
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the rest
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute elementwise ops
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
-}
-_REMAT_LOCK = threading.RLock()
-_REMAT_CACHE: dict[tuple[type, str], type] = {}
-
-
-@contextlib.contextmanager
-def remat_decoder_layers(policy: str, arch_type: str = "llama"):
-    """While tracing under this context, every decoder layer is built as `nn.remat(Layer, policy=...)`.
-
-    The decoder stacks construct their layer class by its module-level name (`llama.LlamaLayer`,
-    `retnet.RetNetDecoderLayer`); the wrapped class keeps the layer's name and parameter tree, so params and
-    checkpoints are unchanged. Only tracing is affected, and the original class is always put back.
-    """
-    if policy not in REMAT_POLICIES:
-        raise ConfigError(f"train.remat = {policy!r}: expected one of {', '.join(REMAT_POLICIES)}")
-    if policy == "none":
-        yield
-        return
-    if arch_type == "llama":
-        from valle_jax.models import llama as module
-
-        attr, static = "LlamaLayer", (7,)  # (self, h, cos_sin, mask, valid, layer_cache, index, deterministic)
-    else:
-        from valle_jax.models import retnet as module
-
-        attr, static = "RetNetDecoderLayer", (7, 8, 9)  # (self, x, sin, cos, lam, valid, state, mode, chunk, det)
-    with _REMAT_LOCK:
-        original = getattr(module, attr)
-        key = (original, policy)
-        if key not in _REMAT_CACHE:
-            _REMAT_CACHE[key] = nn.remat(original, policy=REMAT_POLICIES[policy], static_argnums=static, prevent_cse=True)
-        setattr(module, attr, _REMAT_CACHE[key])
-        try:
-            yield
-        finally:
-            setattr(module, attr, original)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # optimizer
 
 
-def make_schedule(t: TrainConfig) -> optax.Schedule:
-    """Linear warmup over the first `warmup_steps` updates (lr x (n+1)/warmup for update n: never 0, which
-    Prodigy's step-size estimate cannot take), then cosine decay to `learning_rate x end_learning_rate_fraction`
-    at `steps`, or constant."""
-    if t.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"train.schedule = {t.schedule!r}: expected 'cosine' or 'constant'")
+def learning_rate(t: TrainConfig, count: Any, xp: Any = np) -> Any:
+    """The schedule's value after `count` applied updates, over the array module `xp` (numpy for logging on the
+    host, jax.numpy inside the step): linear warmup over the first `warmup_steps` updates (lr x (n+1)/warmup for
+    update n: never 0, which Prodigy's step-size estimate cannot take), then cosine decay to
+    `learning_rate x end_learning_rate_fraction` at `steps`, or constant."""
     lr, warm = float(t.learning_rate), max(int(t.warmup_steps), 0)
-    end = lr * float(t.end_learning_rate_fraction)
-    span = max(int(t.steps), warm + 1) - warm
-
-    def schedule(count):
-        c = jnp.asarray(count, jnp.float32)
-        value = jnp.float32(lr)
-        if t.schedule == "cosine":
-            frac = jnp.clip((c - warm) / span, 0.0, 1.0)
-            value = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-        if warm:
-            value = value * jnp.minimum((c + 1.0) / warm, 1.0)
-        return value
-
-    return schedule
-
-
-def schedule_value(t: TrainConfig, step: int) -> float:
-    """`make_schedule(t)(step)` computed in Python (for logging without dispatching device work)."""
-    lr, warm, step = float(t.learning_rate), max(int(t.warmup_steps), 0), int(step)
-    value = lr
+    c = xp.asarray(count, xp.float32)
+    value = xp.asarray(lr, xp.float32)
     if t.schedule == "cosine":
         end = lr * float(t.end_learning_rate_fraction)
         span = max(int(t.steps), warm + 1) - warm
-        frac = min(max((step - warm) / span, 0.0), 1.0)
-        value = end + (lr - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        frac = xp.clip((c - warm) / span, 0.0, 1.0)
+        value = end + (lr - end) * 0.5 * (1.0 + xp.cos(np.pi * frac))
     if warm:
-        value *= min((step + 1) / warm, 1.0)
+        value = value * xp.minimum((c + 1.0) / warm, 1.0)
     return value
+
+
+def make_schedule(t: TrainConfig) -> optax.Schedule:
+    """The learning-rate schedule as optax takes it (see `learning_rate`)."""
+    return lambda count: learning_rate(t, count, jnp)
+
+
+def schedule_value(t: TrainConfig, step: int) -> float:
+    """The schedule's value after `step` updates, computed on the host (logging without device work)."""
+    return float(learning_rate(t, step, np))
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
@@ -133,12 +76,10 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     Prodigy (optax.contrib.prodigy) estimates the step size itself; its `learning_rate` is a multiplier of that
     estimate (1.0 is the usual value), still shaped by the warmup/cosine schedule."""
     schedule = make_schedule(t)
-    if t.optimizer == "adamw":
+    if t.optimizer == Optimizer.ADAMW:
         opt = optax.adamw(schedule, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay))
-    elif t.optimizer == "prodigy":
-        opt = optax.contrib.prodigy(schedule, betas=(float(t.b1), float(t.b2)), weight_decay=float(t.weight_decay))
     else:
-        raise ConfigError(f"train.optimizer = {t.optimizer!r}: expected 'adamw' or 'prodigy'")
+        opt = optax.contrib.prodigy(schedule, betas=(float(t.b1), float(t.b2)), weight_decay=float(t.weight_decay))
     if t.grad_clip and float(t.grad_clip) > 0:
         return optax.chain(optax.clip_by_global_norm(float(t.grad_clip)), opt)
     return opt
@@ -149,18 +90,9 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 
 
 def training_model_config(cfg: Config) -> ModelConfig:
-    """The model as trained: float32 master weights, compute dtype from train.compute_dtype."""
-    return dataclasses.replace(cfg.model, dtype=cfg.train.compute_dtype, param_dtype="float32")
-
-
-def batch_from_numpy(data: dict | Batch) -> Batch:
-    """A pipeline element (dict with the Batch field names) -> Batch of int32 numpy arrays."""
-    if isinstance(data, Batch):
-        return Batch(*(np.asarray(x, np.int32) for x in data))
-    missing = [k for k in Batch._fields if k not in data]
-    if missing:
-        raise ValueError(f"input batch lacks {missing} (has {sorted(data)})")
-    return Batch(*(np.asarray(data[k], np.int32) for k in Batch._fields))
+    """The model as trained: float32 master weights, compute dtype from train.compute_dtype, train.remat."""
+    mcfg = runtime_config(cfg.model, cfg.train.compute_dtype, remat=cfg.train.remat)
+    return dataclasses.replace(mcfg, param_dtype="float32")
 
 
 def batch_stats(cfg: ModelConfig, logits: jax.Array, batch: Batch, metrics: dict, lengths: jax.Array) -> dict:
@@ -184,27 +116,30 @@ def batch_stats(cfg: ModelConfig, logits: jax.Array, batch: Batch, metrics: dict
     }
 
 
+LossFn = Callable[[ModelConfig, jax.Array, Batch, jax.Array], tuple[jax.Array, dict]]
+
+
+def default_loss(cfg: ModelConfig, logits: jax.Array, batch: Batch, step: jax.Array) -> tuple[jax.Array, dict]:
+    """The optimised loss: the reference's, with empty segments contributing nothing (module docstring). `step`
+    (the 0-based update index, -1 in eval) is unused here; a custom loss may schedule on it."""
+    return loss_lib.loss(cfg, logits, batch, faithful_nan=False)
+
+
 class Trainer:
     """Mesh, shardings, optimizer and the jitted init / train / eval functions for one run config.
 
-    `mesh` defaults to `parallel.make_mesh(cfg.mesh)` over every device. `nan_steps` (tests only) makes the
-    loss NaN at those step numbers (as logged: the first step is 1), to exercise the skip-and-count path
-    through the real compiled step.
+    `mesh` defaults to `parallel.make_mesh(cfg.mesh)` over every device. `loss_fn(model_cfg, logits, batch, step)
+    -> (loss, metrics)` replaces the optimised loss (`default_loss`): a custom objective, or a test's fault injection.
     """
 
-    def __init__(self, cfg: Config, mesh: Mesh | None = None, nan_steps: tuple[int, ...] = ()):
+    def __init__(self, cfg: Config, mesh: Mesh | None = None, loss_fn: LossFn | None = None):
         self.cfg = cfg
         self.mcfg = training_model_config(cfg)
         self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh)
         self.rules = parallel.axis_rules(cfg.mesh)
         self.model = VALLE(self.mcfg)
         self.tx = make_optimizer(cfg.train)
-        self.schedule = make_schedule(cfg.train)
-        self.nan_steps = tuple(int(s) for s in nan_steps)
-        if cfg.train.grad_accum < 1:
-            raise ConfigError(f"train.grad_accum = {cfg.train.grad_accum}: expected >= 1")
-        if cfg.train.remat not in REMAT_POLICIES:
-            raise ConfigError(f"train.remat = {cfg.train.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        self.loss_fn = loss_fn or default_loss
 
         self.replicated = parallel.replicated(self.mesh)
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
@@ -256,21 +191,21 @@ class Trainer:
         return self._from_params(placed)
 
     # ----- forward / loss -----
-    def _forward(self, params, batch: Batch, key, deterministic: bool):
-        with nn.logical_axis_rules(self.rules), remat_decoder_layers(self.cfg.train.remat, self.mcfg.arch_type):
+    def _forward(self, params, batch: Batch, key, deterministic: bool, step):
+        with nn.logical_axis_rules(self.rules):
             rngs = None if deterministic else {"dropout": key}
             logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
-        total, metrics = loss_lib.loss(self.mcfg, logits, batch, faithful_nan=False)
+        total, metrics = self.loss_fn(self.mcfg, logits, batch, step)
         return total, batch_stats(self.mcfg, logits, batch, metrics, lay.length)
 
-    def _loss_fn(self, params, batch, key):
-        return self._forward(params, batch, key, deterministic=False)
+    def _loss_fn(self, params, batch, key, step):
+        return self._forward(params, batch, key, False, step)
 
-    def _grads(self, params, batch: Batch, key):
+    def _grads(self, params, batch: Batch, key, step):
         A = self.cfg.train.grad_accum
         grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
         if A == 1:
-            (total, stats), grads = grad_fn(params, batch, key)
+            (total, stats), grads = grad_fn(params, batch, key, step)
             return total, stats, grads
         B = batch.text.shape[0]
         # micro-batch i = rows i, i+A, i+2A, ...: every device keeps its own rows (no data movement)
@@ -280,11 +215,11 @@ class Trainer:
 
         def body(carry, xs):
             mb, i = xs
-            (l, s), g = grad_fn(params, Batch(*mb), jax.random.fold_in(key, i))
+            (l, s), g = grad_fn(params, Batch(*mb), jax.random.fold_in(key, i), step)
             return jax.tree.map(jnp.add, carry, (l, s, g)), None
 
         first = Batch(*jax.tree.map(lambda x: x[0], micro))
-        shapes = jax.eval_shape(lambda: (*grad_fn(params, first, key)[0], params))
+        shapes = jax.eval_shape(lambda: (*grad_fn(params, first, key, step)[0], params))
         zeros = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes)
         (total, stats, grads), _ = jax.lax.scan(body, zeros, (tuple(micro), jnp.arange(A)))
         return total / A, stats, jax.tree.map(lambda g: g / A, grads)
@@ -292,9 +227,7 @@ class Trainer:
     def _train_step_fn(self, state: State, batch: Batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
-        total, stats, grads = self._grads(state["params"], batch, key)
-        for s in self.nan_steps:  # test hook (see class doc)
-            total = jnp.where(step + 1 == s, jnp.nan, total)
+        total, stats, grads = self._grads(state["params"], batch, key, step)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, new_opt = self.tx.update(grads, state["opt_state"], state["params"])
@@ -313,13 +246,13 @@ class Trainer:
         return new_state, metrics
 
     def _eval_fn(self, params, batch: Batch):
-        total, stats = self._forward(params, batch, None, deterministic=True)
+        total, stats = self._forward(params, batch, None, True, jnp.int32(-1))
         return {"loss": total, **stats}
 
     # ----- public steps -----
     def device_batch(self, local: dict | Batch) -> Batch:
         """This process's rows (numpy) -> the global, sharded Batch."""
-        b = batch_from_numpy(local)
+        b = as_batch(local)
         global_rows = b.text.shape[0] * jax.process_count()
         if global_rows % self.batch_divisor:
             raise ConfigError(f"global batch of {global_rows} rows does not divide into {self.batch_divisor} "

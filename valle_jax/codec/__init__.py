@@ -36,6 +36,7 @@ from .client import (
     CodecTimeoutError,
 )
 from .files import CodecFileError, read_codes, write_codes
+from .specs import CodecKind, codec_spec
 from .weights import MissingWeightsError, WeightsChecksumError
 
 # Codes the reference pads with for silence, one per level.
@@ -52,11 +53,13 @@ __all__ = [
     "CodecCrashError",
     "CodecError",
     "CodecFileError",
+    "CodecKind",
     "CodecSpec",
     "CodecTimeoutError",
     "MissingWeightsError",
     "SILENCE_CODES",
     "WeightsChecksumError",
+    "codec_spec",
     "read_audio",
     "read_codes",
     "to_mono",

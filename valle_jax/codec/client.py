@@ -32,12 +32,12 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import sidecar
+from .specs import CODEC_SPECS, CodecSpec
 from .weights import resolve_dac, resolve_encodec, resolve_vocos
 
 __all__ = [
@@ -52,20 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CodecSpec:
-    sample_rate: int
-    hop_length: int
-    levels: int  # the reference's number of levels (8 for EnCodec/Vocos at 6 kbps, 9 for DAC)
-    codebook_size: int
-    allowed_levels: tuple[int, ...]
-
-
-CODEC_SPECS = {
-    "encodec": CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16, 32)),
-    "vocos": CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16)),
-    "dac": CodecSpec(44100, 512, 9, 1024, tuple(range(1, 10))),
-}
 
 
 class CodecError(RuntimeError):

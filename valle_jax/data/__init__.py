@@ -22,7 +22,6 @@ _EXPORTS = {
     "DataPipeline": "pipeline",
     "describe": "pipeline",
     "Bucket": "batching",
-    "level_distribution": "batching",
     "DatasetError": "records",
     "DatasetWriter": "records",
     "Utterance": "records",

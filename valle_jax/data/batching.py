@@ -29,29 +29,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from valle_jax.layout import extra_rows, make_batch
+
 __all__ = [
     "Bucket",
     "BatchPlan",
     "assemble",
     "batch_size_for",
-    "extra_rows",
-    "level_distribution",
     "max_prompt_frames",
     "plan_buckets",
     "sample_prompt",
 ]
 
 PAD_MULTIPLE = 8
-
-
-def level_distribution(model_cfg) -> list[int]:
-    """The levels training items are drawn from (spec 5.1); one home: `ModelConfig.training_levels`."""
-    return model_cfg.training_levels
-
-
-def extra_rows(model_cfg) -> int:
-    """Rows besides text, prompt and response: the separators and the RVQ-level row (spec 2.2)."""
-    return 4 if model_cfg.has_rvq_token else 2
 
 
 def max_prompt_frames(data_cfg) -> int:
@@ -206,27 +196,9 @@ def sample_prompt(rng: np.random.Generator, pool: np.ndarray, data_cfg, max_fram
 
 def assemble(bucket: Bucket, texts: Sequence[np.ndarray], proms: Sequence[np.ndarray | None],
              resps: Sequence[np.ndarray], levels: Sequence[int], q: int, stop_token: int) -> dict[str, np.ndarray]:  # fmt: skip
-    """One padded batch in the bucket's static shapes (level-0 items get one stop token, as
-    models.loss.training_batch)."""
-    b = len(texts)
-    out = {
-        "text": np.zeros((b, bucket.text), np.int32),
-        "text_len": np.zeros(b, np.int32),
-        "prom": np.zeros((b, bucket.prom, q), np.int32),
-        "prom_len": np.zeros(b, np.int32),
-        "resp": np.zeros((b, bucket.resp, q), np.int32),
-        "resp_len": np.zeros(b, np.int32),
-        "level": np.asarray(levels, np.int32).reshape(b),
-    }
-    for i, (t, p, r, lv) in enumerate(zip(texts, proms, resps, levels)):
-        out["text"][i, : len(t)] = t
-        out["text_len"][i] = len(t)
-        if p is not None and len(p):
-            out["prom"][i, : len(p)] = p[:, :q]
-            out["prom_len"][i] = len(p)
-        out["resp"][i, : len(r)] = r[:, :q]
-        out["resp_len"][i] = len(r)
-        if lv == 0:
-            out["resp"][i, len(r), 0] = stop_token
-            out["resp_len"][i] += 1
-    return out
+    """One padded training batch in the bucket's static shapes (`layout.make_batch`: level-0 items get one stop
+    token), as a dict of the Batch fields."""
+    items = [{"text": t, "prom": p, "resp": r} for t, p, r in zip(texts, proms, resps)]
+    batch = make_batch(items, levels=levels, q=q, stop_token=stop_token,
+                       pad_to={"text": bucket.text, "prom": bucket.prom, "resp": bucket.resp})  # fmt: skip
+    return batch._asdict()

@@ -15,6 +15,7 @@ and together cover the batch.  With `data.num_workers` > 0, batches are assemble
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -24,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from .batching import BatchPlan, Bucket, assemble, level_distribution, max_prompt_frames, plan_buckets, sample_prompt
+from valle_jax.codec.specs import codec_spec
+
+from .batching import BatchPlan, Bucket, assemble, max_prompt_frames, plan_buckets, sample_prompt
 from .records import DatasetError, decode_record, iter_items, load_metadata, shard_paths
 
 __all__ = ["DataPipeline", "SPLIT_CODES", "describe", "make_iterator"]
@@ -95,21 +98,24 @@ class DataPipeline:
         self.process_count = int(process_count)
         self.q = int(cfg.model.resp_levels)
         self.stop_token = int(cfg.model.stop_token)
-        self.levels = np.asarray(level_distribution(cfg.model), np.int64)
+        self.levels = np.asarray(cfg.model.training_levels, np.int64)
         if self.levels.size == 0:
             raise ValueError("the RVQ level distribution is empty (check experimental.rvq_level_range / p_rvq_levels)")
 
         main = _Store(data.path)
         ev = _Store(data.eval_path) if data.eval_path else None
+        # frames per second of the codes: the dataset's own unless the config says otherwise
+        fps = data.frames_per_second or main.meta.get("frames_per_second") or codec_spec(main.meta["codec"]).reference_fps
+        data = dataclasses.replace(data, frames_per_second=fps)
+        self.cfg = cfg = dataclasses.replace(cfg, data=data)
         for st in (main, ev):
             if st is None:
                 continue
             if st.meta["levels"] < self.q:
                 raise DatasetError(f"{st.root}: codes have {st.meta['levels']} levels, model.resp_levels is {self.q}")
-            fps = st.meta.get("frames_per_second")
-            if fps is not None and fps != data.frames_per_second:
+            if st.meta.get("frames_per_second") not in (None, fps):
                 log.warning("%s holds %s codes at %s frames/s but data.frames_per_second is %s", st.root,
-                            st.meta.get("codec"), fps, data.frames_per_second)  # fmt: skip
+                            st.meta.get("codec"), st.meta.get("frames_per_second"), fps)  # fmt: skip
             if st.meta.get("random_codec") is not None:
                 log.warning("%s: %s", st.root, st.meta.get("warning") or "codes come from a RANDOM codec")
 

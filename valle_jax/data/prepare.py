@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from valle_jax.codec.client import CODEC_SPECS
+from valle_jax.codec.specs import CODEC_SPECS
 
 from .records import DatasetWriter, Utterance
 from .sources import SourceItem, discover
@@ -48,8 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The reference's frames per second for timing (spec 1.6): 75 for EnCodec/Vocos, 87 for DAC at 44.1 kHz.
-FRAMES_PER_SECOND = {"encodec": 75, "vocos": 75, "dac": 87}
 
 
 class PrepareError(RuntimeError):
@@ -184,11 +182,12 @@ def banner(message: str, out: Callable[[str], None] | None = None) -> None:
 
 
 def codec_settings(codec: str, random_codec: int | None) -> dict:
-    if codec not in FRAMES_PER_SECOND:
-        raise PrepareError(f"--codec must be one of encodec, vocos, dac; got {codec!r}")
-    spec = CODEC_SPECS["dac" if codec == "dac" else "encodec"]
-    settings = {"codec": codec, "levels": spec.levels, "sample_rate": spec.sample_rate,
-                "frames_per_second": FRAMES_PER_SECOND[codec], "random_codec": random_codec}  # fmt: skip
+    if codec not in CODEC_SPECS:
+        raise PrepareError(f"--codec must be one of {', '.join(CODEC_SPECS)}; got {codec!r}")
+    spec = CODEC_SPECS[codec]
+    encoder = CODEC_SPECS[spec.encoder]  # Vocos datasets hold EnCodec codes
+    settings = {"codec": codec, "levels": encoder.levels, "sample_rate": encoder.sample_rate,
+                "frames_per_second": spec.reference_fps, "random_codec": random_codec}  # fmt: skip
     if random_codec is not None:
         settings["warning"] = random_codec_warning(codec, random_codec)
     return settings

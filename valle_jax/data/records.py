@@ -26,13 +26,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from valle_jax.fileio import atomic_write_text
 
 __all__ = [
     "DATASET_FORMAT",
@@ -111,23 +112,6 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- files
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 def read_jsonl(path: Path) -> list[dict]:
     """Every complete JSON object line of `path` (a torn last line from a crash is ignored)."""

@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .prepare import FRAMES_PER_SECOND, AudioLimits, PrepareError, Rejected, _progress, clean_text, text_to_ids
+from valle_jax.codec.specs import CODEC_SPECS
+
+from .prepare import AudioLimits, PrepareError, Rejected, _progress, clean_text, text_to_ids
 from .records import DatasetWriter, Utterance
 
 __all__ = ["import_reference", "import_codes_tree", "import_hdf5"]
@@ -115,7 +117,7 @@ def import_codes_tree(src, writer: DatasetWriter, *, codec: str, tokenizer: str,
     if not files:
         raise PrepareError(f"{src}: no {suffix} files found (expected training/data/{{group}}/{{speaker}}/{{id}}{suffix})")
     levels = writer.settings["levels"]
-    fps = FRAMES_PER_SECOND[codec]
+    fps = CODEC_SPECS[codec].reference_fps
     speaker_meta: dict[Path, dict] = {}
     bar = _progress(len(files), "import", progress)
     try:

@@ -3,13 +3,13 @@
 For tests, benchmarks and smoke runs without a prepared corpus. Items are random phoneme ids with
 response codes that follow a simple, learnable pattern of the text and the level (so a short run shows the
 loss falling); the prompt is random codes. Shapes are static: the first `data.length_buckets` entry S
-is split into text T = S/8, prompt P = S/4 and response R = S - T - P - 4 rows (the response bucket includes
-the stop token's row). The global batch is `data.max_batch` rows; each process gets an equal share.
+is split into text T = S/8, prompt P = S/4 and response R = S - T - P - (separator rows) rows (the response
+bucket includes the stop token's row). The global batch is `data.max_batch` rows; each process gets an equal share.
 
     make_iterator(cfg, split="train", process_index=0, process_count=1) -> grain DatasetIterator
 
 yields dicts of numpy arrays: text [b,T], text_len [b], prom [b,P,Q], prom_len [b], resp [b,R,Q], resp_len [b],
-level [b] (int32), levels drawn from `models.loss.level_distribution`. The iterator's state is saved with
+level [b] (int32), levels drawn from `ModelConfig.training_levels`. The iterator's state is saved with
 `grain.checkpoint.CheckpointSave`; the train split repeats forever, the eval split is finite.
 """
 
@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 from valle_jax.config import Config
-from valle_jax.models.loss import level_distribution, training_batch
+from valle_jax.layout import extra_rows, training_batch
 
 TRAIN_ITEMS = 4096
 EVAL_ITEMS = 256
@@ -29,9 +29,9 @@ def shapes(cfg: Config) -> dict[str, int]:
     S = int(cfg.data.length_buckets[0]) if cfg.data.length_buckets else 256
     T = max(4, S // 8)
     P = max(2, S // 4)
-    R = S - T - P - 4
+    R = S - T - P - extra_rows(cfg.model)
     if R < 3:
-        raise ValueError(f"data.length_buckets[0] = {S}: too short for a synthetic item (need >= {T + P + 7})")
+        raise ValueError(f"data.length_buckets[0] = {S}: too short for a synthetic item (need >= {S - R + 3})")
     return {"text": T, "prom": P, "resp": R}
 
 
@@ -59,7 +59,7 @@ def make_dataset(cfg: Config, split: str = "train", process_index: int = 0, proc
     seed = int(cfg.data.seed) + (0 if split == "train" else 1000)
     n = TRAIN_ITEMS if split == "train" else EVAL_ITEMS
     pad_to = shapes(cfg)
-    choices = np.asarray(level_distribution(cfg.model), np.int32)
+    choices = np.asarray(cfg.model.training_levels, np.int32)
 
     def load(index: int, rng: np.random.Generator) -> dict:
         item = make_item(cfg, int(index), seed)

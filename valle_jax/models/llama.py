@@ -6,13 +6,14 @@ Dh head dim, F ffn dim. Parameter names mirror the reference state dict (convert
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from valle_jax.config import ModelConfig
+from valle_jax.models import backbone
 
 Array = jax.Array
 KVCache = dict[str, Any]  # {"index": [B] int32 rows already cached, "layers": ({"k": [B,L,K,Dh], "v": ...}, ...)}
@@ -152,13 +153,14 @@ class MLP(nn.Module):
 
 class LlamaLayer(nn.Module):
     cfg: ModelConfig
+    deterministic: bool = True  # an attribute, not a call argument: remat needs array-only arguments
 
     @nn.compact
-    def __call__(self, h, cos_sin, mask, valid, layer_cache=None, index=None, deterministic=True):
+    def __call__(self, h, cos_sin, mask, valid, layer_cache=None, index=None):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         a, new_cache = Attention(cfg, name="self_attn")(
-            norm("input_layernorm")(h), cos_sin, mask, valid, layer_cache, index, deterministic
+            norm("input_layernorm")(h), cos_sin, mask, valid, layer_cache, index, self.deterministic
         )
         h = h + a
         h = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
@@ -166,7 +168,8 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaDecoder(nn.Module):
-    """Decoder stack + final norm. With `cache`, the S new rows are appended to each item's cached rows."""
+    """Decoder stack + final norm. With `cache`, the S new rows are appended to each item's cached rows
+    (`step` changes nothing here: prefill and decode steps are the same computation)."""
 
     cfg: ModelConfig
 
@@ -178,6 +181,7 @@ class LlamaDecoder(nn.Module):
         valid_BS: Array,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        step: bool = False,
     ) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         if cfg.embed_tokens:  # HF LlamaModel.embed_tokens: in every checkpoint, never read (spec 3.4)
@@ -194,10 +198,11 @@ class LlamaDecoder(nn.Module):
         else:
             index = cache["index"]
             mask = cache_mask(index, x_BSD.shape[1], cache["layers"][0]["k"].shape[1])
+        layer_cls = backbone.remat_layer(LlamaLayer, cfg)
         new_layers = []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            h, lc = LlamaLayer(cfg, name=f"layers_{i}")(h, cos_sin, mask, valid_BS, layer_cache, index, deterministic)
+            h, lc = layer_cls(cfg, deterministic, name=f"layers_{i}")(h, cos_sin, mask, valid_BS, layer_cache, index)
             new_layers.append(lc)
         h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(h)
         new_cache = None
@@ -212,3 +217,33 @@ def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
     return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layer() for _ in range(cfg.n_layers))}
+
+
+def kv_cache_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every `init_kv_cache` leaf."""
+    layer = {"k": ("batch", "length", "kv_heads", "kv"), "v": ("batch", "length", "kv_heads", "kv")}
+    return {"index": ("batch",), "layers": tuple(dict(layer) for _ in range(cfg.n_layers))}
+
+
+def _config_from_keys(tensors: Mapping[str, Any], fields: dict, has_metadata: bool) -> dict:
+    """Config fields the reference keys of a Llama checkpoint give (spec 7.6, 1.7)."""
+    out: dict[str, Any] = {}
+    gate = tensors.get("model.layers.0.mlp.gate_proj.weight")
+    out["ffn"] = int(gate.shape[0]) if gate is not None else None
+    kproj = tensors.get("model.layers.0.self_attn.k_proj.weight")
+    if kproj is not None and kproj.shape[0] != fields["dim"]:
+        out["experimental.kv_heads"] = int(kproj.shape[0]) // (fields["dim"] // fields["heads"])
+    if not has_metadata:  # the split-head llama releases use per-segment positions (spec 1.7)
+        out["experimental.unified_position_ids"] = not fields["split_classifiers"]
+    return out
+
+
+backbone.register(backbone.Backbone(
+    name="llama",
+    decoder=LlamaDecoder,
+    init_state=init_kv_cache,
+    state_axes=kv_cache_axes,
+    matches_keys=lambda keys: any(".self_attn." in k for k in keys),
+    config_from_keys=_config_from_keys,
+    lora_targets=(("self_attn", "mlp"), ("self_attn.k_proj",)),
+))  # fmt: skip

@@ -1,7 +1,7 @@
 """Training targets and losses of the reference (spec reference-model.md 5.1-5.3).
 
-A training batch is a `Batch` whose `resp` holds all levels [B, R+1, Q] and whose `level` is each item's
-target level; level-0 items carry one appended stop token in column 0 (resp_len = R + 1). Inputs read
+A training batch (`layout.training_batch`) is a `Batch` whose `resp` holds all levels [B, R+1, Q] and whose
+`level` is each item's target level; level-0 items carry one appended stop token in column 0 (resp_len = R + 1). Inputs read
 only the columns below the level (the embedding rules zero the rest), targets read column L.
 
 Two modes, as the reference: the joint loss (`loss_factors` empty: mean over items of each item's mean
@@ -14,49 +14,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from valle_jax import layout
 from valle_jax.config import ModelConfig
-from valle_jax.models.valle import Batch, layout, segment_lengths, segment_names, sequence_length
+from valle_jax.layout import Batch
 
 Array = jax.Array
 IGNORE = -100
 
 
-def level_distribution(cfg: ModelConfig) -> list[int]:
-    """The levels training items are drawn from (5.1); see `ModelConfig.training_levels`."""
-    return cfg.training_levels
-
-
-def training_batch(cfg: ModelConfig, items: list[dict], levels: list[int], pad_to: dict[str, int] | None = None) -> Batch:
-    """Host-side: items {"text" [T], "prom" [P, Q], "resp" [R, Q]} at the given levels -> a padded training Batch
-    of numpy arrays (the input pipeline's output; `pad_to` gives static bucket sizes)."""
-    pad_to = pad_to or {}
-    B, Q = len(items), cfg.resp_levels
-    T = max([len(it["text"]) for it in items] + [pad_to.get("text", 0)])
-    P = max([len(it["prom"]) for it in items] + [pad_to.get("prom", 0), 1])
-    R = max([len(it["resp"]) + 1 for it in items] + [pad_to.get("resp", 0)])
-    text = np.zeros((B, T), np.int32)
-    prom = np.zeros((B, P, Q), np.int32)
-    resp = np.zeros((B, R, Q), np.int32)
-    tl, pl, rl = (np.zeros(B, np.int32) for _ in range(3))
-    for i, (it, level) in enumerate(zip(items, levels)):
-        t, p, r = (np.asarray(it[k]) for k in ("text", "prom", "resp"))
-        p, r = p.reshape(len(p), -1), r.reshape(len(r), -1)
-        text[i, : len(t)], tl[i] = t, len(t)
-        prom[i, : len(p), : p.shape[1]], pl[i] = p[:, :Q], len(p)
-        resp[i, : len(r), : r.shape[1]], rl[i] = r[:, :Q], len(r)
-        if level == 0:  # one stop token, even when causal_size > 1 (5.1)
-            resp[i, len(r), 0] = cfg.stop_token
-            rl[i] += 1
-    return Batch(text, tl, prom, pl, resp, rl, np.asarray(levels, np.int32))
-
-
 def targets(cfg: ModelConfig, batch: Batch, n_rows: int) -> tuple[Array, Array, Array, Array]:
     """Per row: target id or IGNORE [B, S], segment index, offset in segment, segment length."""
-    lengths, has_sep = segment_lengths(cfg, batch)
-    _, segment, offset, is_sep = layout(cfg, lengths, has_sep, n_rows)
-    names = segment_names(cfg)
+    lengths, _ = layout.segment_lengths(cfg, batch, jnp)
+    lay = layout.row_layout(cfg, batch, n_rows, jnp)
+    segment, offset, is_sep = lay.segment, lay.offset, lay.is_sep
+    names = layout.segment_names(cfg)
     B = batch.text.shape[0]
     L = batch.level
     ignore_prom = cfg.version < 4 or (cfg.version >= 5 and cfg.experimental.audio_embedding_sums)
@@ -135,7 +107,7 @@ def split_loss(cfg: ModelConfig, logits_BSV: Array, batch: Batch, factors: dict[
     nll, valid, top10 = _token_nll(logits_BSV, pair)
     B = logits_BSV.shape[0]
     losses, metrics = {}, {}
-    for k, name in enumerate(segment_names(cfg)):
+    for k, name in enumerate(layout.segment_names(cfg)):
         factor = float(factors.get(name, 0.0))
         if name not in ("text", "prom", "resp") or factor == 0.0:
             continue
@@ -151,7 +123,3 @@ def loss(cfg: ModelConfig, logits_BSV: Array, batch: Batch, faithful_nan: bool =
     if cfg.loss_factors:
         return split_loss(cfg, logits_BSV, batch, cfg.loss_factors, faithful_nan)
     return joint_loss(cfg, logits_BSV, batch, faithful_nan)
-
-
-def rows_for(cfg: ModelConfig, batch: Batch) -> int:
-    return sequence_length(cfg, batch)

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from valle_jax.config import ModelConfig
+from valle_jax.config import GroupNorm, ModelConfig, RetNetMode
+from valle_jax.models import backbone
 
 # {"offset": int32 [B], "layers_{i}": {"kv": [B,H,dk,dv], "ksum": [B,H,dk], "scale": [B,H]}}
 RetNetState = dict[str, Any]
-MODES = ("parallel", "chunkwise", "recurrent")
-GROUP_NORMS = ("layernorm", "rmsnorm")
+MODES = tuple(m.value for m in RetNetMode)
+GROUP_NORMS = tuple(g.value for g in GroupNorm)
 F32 = jnp.float32
 
 
@@ -45,7 +46,7 @@ def _sizes(cfg: ModelConfig) -> tuple[int, int, int]:
     return h, dk, 2 * dk
 
 
-def init_state(cfg: ModelConfig, batch: int, dtype: Any = jnp.float32) -> RetNetState:
+def init_state(cfg: ModelConfig, batch: int, max_len: int = 0, dtype: Any = jnp.float32) -> RetNetState:
     """An empty decoding state (no tokens consumed), batch-first, static shapes (a `lax.while_loop` carry).
 
     Per layer, with n the item's last consumed position and gamma the head's decay:
@@ -54,7 +55,8 @@ def init_state(cfg: ModelConfig, batch: int, dtype: Any = jnp.float32) -> RetNet
       ksum  [B, H, dk]    : sum_m gamma^(n-m) kr_m / sqrt(scale)           (only the parallel normaliser needs it)
       scale [B, H]        : sum_{j<=n} gamma^j                              (0 before the first token)
     offset [B] int32: tokens consumed per item = rotation position of its next token.
-    Keep it float32: the decayed sums are the long-range memory of every head.
+    Keep it float32: the decayed sums are the long-range memory of every head. The size does not depend on the
+    sequence length (`max_len` is accepted for the backbone interface).
     """
     h, dk, dv = _sizes(cfg)
     state: RetNetState = {"offset": jnp.zeros((batch,), jnp.int32)}
@@ -415,19 +417,22 @@ def _norm(cfg: ModelConfig, name: str) -> Norm:
 
 
 class RetNetDecoderLayer(nn.Module):
-    """Pre-norm: h = x + MSR(LN(x)); y = h + FFN(LN(h)) (3.2)."""
+    """Pre-norm: h = x + MSR(LN(x)); y = h + FFN(LN(h)) (3.2). The form, chunk size and dropout switch are
+    attributes (call arguments are arrays only, as remat needs)."""
 
     cfg: ModelConfig
+    mode: str = "parallel"
+    chunk_size: int = 512
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, lam: jax.Array, valid: jax.Array,
-                 state: dict | None, mode: str, chunk_size: int, deterministic: bool
-                 ) -> tuple[jax.Array, dict | None]:
+                 state: dict | None) -> tuple[jax.Array, dict | None]:  # fmt: skip
         cfg = self.cfg
         r, new_state = MultiScaleRetention(cfg, name="retention")(
-            _norm(cfg, "retention_layer_norm")(x), sin, cos, lam, valid, state, mode, chunk_size)
-        x = x + nn.Dropout(_dropout_rate(cfg))(r, deterministic=deterministic)
-        x = x + FeedForward(cfg, name="ffn")(_norm(cfg, "final_layer_norm")(x), deterministic)
+            _norm(cfg, "retention_layer_norm")(x), sin, cos, lam, valid, state, self.mode, self.chunk_size)
+        x = x + nn.Dropout(_dropout_rate(cfg))(r, deterministic=self.deterministic)
+        x = x + FeedForward(cfg, name="ffn")(_norm(cfg, "final_layer_norm")(x), self.deterministic)
         return x, new_state
 
 
@@ -442,17 +447,17 @@ class RetNetDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None, valid: jax.Array,
-                 state: RetNetState | None = None, mode: str | None = None, chunk_size: int | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, RetNetState | None]:
+                 state: RetNetState | None = None, deterministic: bool = True, step: bool = False,
+                 mode: str | None = None, chunk_size: int | None = None) -> tuple[jax.Array, RetNetState | None]:
         """x [B,S,D], valid [B,S] bool (a prefix of each row: right padding); `positions` is ignored -- the
         rotation/decay index is the sequence index (plus the state's per-item offset). Returns
-        (h [B,S,D], new state or None when `state` is None). `mode` None = cfg.retnet_mode."""
+        (h [B,S,D], new state or None when `state` is None). `mode` None = cfg.retnet_mode, except for decode
+        steps (`step`), which use the parallel form with the carried state: it equals the whole-sequence parallel
+        output to round-off (a 1-row chunkwise step is the noisiest form, spec reference-retnet 3.12)."""
         cfg = self.cfg
-        mode = mode or cfg.retnet_mode
+        mode = str(mode or ("parallel" if step else cfg.retnet_mode))
         if mode not in MODES:
             raise ValueError(f"retnet mode {mode!r}: expected one of {MODES}")
-        if cfg.retnet_group_norm not in GROUP_NORMS:
-            raise ValueError(f"model.retnet_group_norm = {cfg.retnet_group_norm!r}: expected one of {GROUP_NORMS}")
         chunk_size = int(chunk_size or cfg.retnet_chunk_size)
         if chunk_size < 1:
             raise ValueError(f"retnet chunk size {chunk_size}: expected >= 1")
@@ -470,14 +475,31 @@ class RetNetDecoder(nn.Module):
         new_state: RetNetState | None = None
         if state is not None:
             new_state = {"offset": offset + valid.sum(-1).astype(jnp.int32)}
+        layer_cls = backbone.remat_layer(RetNetDecoderLayer, cfg)
         for i in range(cfg.n_layers):
             name = f"layers_{i}"
-            x, layer_state = RetNetDecoderLayer(cfg, name=name)(
-                x, sin, cos, lam, valid, None if state is None else state[name], mode, chunk_size, deterministic)
+            x, layer_state = layer_cls(cfg, mode, chunk_size, deterministic, name=name)(
+                x, sin, cos, lam, valid, None if state is None else state[name])
             if new_state is not None:
                 new_state[name] = layer_state
         return _norm(cfg, "layer_norm")(x), new_state
 
+
+def _config_from_keys(tensors, fields: dict, has_metadata: bool) -> dict:
+    """Config fields the reference keys of a RetNet checkpoint give (spec 7.6)."""
+    fc1 = tensors.get("model.layers.0.ffn.fc1.weight")
+    return {"ffn": int(fc1.shape[0]) if fc1 is not None else None}
+
+
+backbone.register(backbone.Backbone(
+    name="retnet",
+    decoder=RetNetDecoder,
+    init_state=init_state,
+    state_axes=state_logical_axes,
+    matches_keys=lambda keys: any(".retention." in k for k in keys),
+    config_from_keys=_config_from_keys,
+    lora_targets=(("layers.",), ("retention.k_proj",)),
+))  # fmt: skip
 
 __all__ = [
     "RetNetDecoder", "RetNetDecoderLayer", "MultiScaleRetention", "FeedForward", "RetNetRelPos", "Norm",

@@ -9,109 +9,18 @@ V output width (the widest head).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from valle_jax import layout
 from valle_jax.config import ModelConfig
-from valle_jax.models.llama import LlamaDecoder
+from valle_jax.layout import Batch, RowLayout
+from valle_jax.models import backbone as backbones
 
 Array = jax.Array
-
-
-class Batch(NamedTuple):
-    """Right-padded model inputs. Codes are [frames, levels] per item as the reference's `prom`/`resp`."""
-
-    text: Array  # [B, T] int32 token ids incl. BOS/EOS
-    text_len: Array  # [B]
-    prom: Array  # [B, P, Q] int32 prompt codes
-    prom_len: Array  # [B]; 0 = no prompt (the segment and its separator are omitted, spec 2.2)
-    resp: Array  # [B, R, Q'] int32 response codes (level 0 for the AR, levels 0..L-1 for NAR level L)
-    resp_len: Array  # [B]; 0 is allowed (first AR step: the sequence then ends with a separator)
-    level: Array  # [B] target RVQ level: 0 = AR pass, 1.. = NAR pass
-
-
-class Layout(NamedTuple):
-    """Where every row of the assembled sequence comes from."""
-
-    valid: Array  # [B, S] bool, False on right padding
-    positions: Array  # [B, S] int32 RoPE positions (unified or per segment)
-    resp_start: Array  # [B] first response row
-    length: Array  # [B] number of valid rows
-
-
-def make_batch(items: list[dict], pad_to: dict[str, int] | None = None) -> Batch:
-    """Pad a list of {"text", "prom", "resp", "level"} numpy/jnp items into a Batch (host side helper)."""
-    import numpy as np
-
-    pad_to = pad_to or {}
-
-    def stack(key: str, width_axis: bool) -> tuple[np.ndarray, np.ndarray]:
-        arrs = [np.asarray(it[key]) for it in items]
-        if width_axis:  # codes are [frames, levels]; an empty prompt may come as shape [0] or [0, Q]
-            arrs = [a.reshape(len(a), a.shape[-1] if a.ndim == 2 else 1) for a in arrs]
-        n = max([len(a) for a in arrs] + [pad_to.get(key, 0), 1])
-        shape = (len(arrs), n, max(a.shape[1] for a in arrs)) if width_axis else (len(arrs), n)
-        out = np.zeros(shape, np.int32)
-        for i, a in enumerate(arrs):
-            out[(i, slice(0, len(a))) + ((slice(0, a.shape[1]),) if width_axis else ())] = a
-        return out, np.array([len(a) for a in arrs], np.int32)
-
-    text, text_len = stack("text", False)
-    prom, prom_len = stack("prom", True)
-    resp, resp_len = stack("resp", True)
-    level = np.array([int(it.get("level", 0)) for it in items], np.int32)
-    return Batch(*(jnp.asarray(a) for a in (text, text_len, prom, prom_len, resp, resp_len, level)))
-
-
-def sequence_length(cfg: ModelConfig, batch: Batch) -> int:
-    """Static row count for a batch's padded shapes: every segment plus its separator."""
-    return batch.text.shape[1] + batch.prom.shape[1] + batch.resp.shape[1] + (4 if cfg.has_rvq_token else 2)
-
-
-SEGMENTS_V5 = ("text", "rvq", "prom", "resp")
-SEGMENTS_V2 = ("text", "prom", "resp")
-
-
-def segment_names(cfg: ModelConfig) -> tuple[str, ...]:
-    return SEGMENTS_V5 if cfg.has_rvq_token else SEGMENTS_V2
-
-
-def segment_lengths(cfg: ModelConfig, batch: Batch) -> tuple[list[Array], list[Array]]:
-    """Per segment (in `segment_names` order): length [B] and whether a separator follows it [B]."""
-    B = batch.text.shape[0]
-    yes = jnp.ones((B,), bool)
-    lengths = [batch.text_len] + ([jnp.ones((B,), jnp.int32)] if cfg.has_rvq_token else []) + [batch.prom_len, batch.resp_len]
-    has_sep = [yes] + ([yes] if cfg.has_rvq_token else []) + [batch.prom_len > 0, ~yes]  # a missing prompt drops its sep
-    return lengths, has_sep
-
-
-def layout(cfg: ModelConfig, lengths: list[Array], has_sep: list[Array], n_rows: int) -> tuple[Layout, Array, Array, Array]:
-    """Segment index and offset of every row. A separator follows every present, non-final segment.
-
-    Returns (layout, segment [B, S] (n_segments on padding), offset [B, S], is_sep [B, S]).
-    Per-segment positions (spec 2.5): a segment of length n with its separator gets 0..n, the final one 0..n-1,
-    padding gets 1. Unified positions: the row index.
-    """
-    occupancy = [n + s.astype(jnp.int32) for n, s in zip(lengths, has_sep)]
-    ends = jnp.cumsum(jnp.stack(occupancy, axis=-1), axis=-1)  # [B, n_segments]
-    starts = ends - jnp.stack(occupancy, axis=-1)
-    rows = jnp.arange(n_rows)[None, :]
-    segment = jnp.sum(rows[:, :, None] >= ends[:, None, :], axis=-1)  # [B, S]
-    n_segments = len(lengths)
-    valid = segment < n_segments
-    seg_index = jnp.minimum(segment, n_segments - 1)
-    offset = rows - jnp.take_along_axis(starts, seg_index, axis=1)
-    is_sep = valid & (offset == jnp.take_along_axis(jnp.stack(lengths, axis=-1), seg_index, axis=1))
-    if cfg.experimental.unified_position_ids:
-        positions = jnp.broadcast_to(rows, segment.shape)
-    else:
-        positions = jnp.where(valid, offset, 1)
-    resp_start = starts[:, -1]
-    lay = Layout(valid, positions.astype(jnp.int32), resp_start, ends[:, -1])
-    return lay, segment, offset, is_sep
 
 
 def audio_weights(cfg: ModelConfig, level_B: Array, n_tables: int, kind: str, n_cols: int) -> list[Array]:
@@ -225,12 +134,7 @@ class VALLE(nn.Module):
             self.tones_emb = _embed_table(cfg.tones, D, cfg, "tones_emb", ("table", "embed"))
         if cfg.has_rvq_token:
             self.rvq_l_emb = _embed_table(cfg.resp_levels, D, cfg, "rvq_l_emb", ("table", "embed"))
-        if cfg.arch_type == "llama":
-            self.model = LlamaDecoder(cfg)
-        else:
-            from valle_jax.models.retnet import RetNetDecoder
-
-            self.model = RetNetDecoder(cfg)
+        self.model = backbones.get(cfg.arch_type).decoder(cfg)
         if cfg.experimental.split_classifiers:
             self.classifiers = Classifiers(cfg)
         else:
@@ -256,31 +160,33 @@ class VALLE(nn.Module):
             out = out + sum(w[k][:, None, None] * self.resps_emb(k + 1, resp_BRQ[..., k]) for k in range(n_tables))
         return out
 
-    def embed(self, batch: Batch, n_rows: int | None = None) -> tuple[Array, Layout]:
+    def embed(self, batch: Batch, n_rows: int | None = None) -> tuple[Array, RowLayout]:
         """Assemble text · sep · rvq · sep · prom · sep · resp (version 5; no rvq segment before it)."""
         cfg = self.cfg
-        n_rows = n_rows or sequence_length(cfg, batch)
+        n_rows = n_rows or layout.batch_rows(cfg, batch)
         B = batch.text.shape[0]
         embs = [self.text_emb(batch.text)]
         if cfg.has_rvq_token:
             embs.append(self.rvq_l_emb(batch.level)[:, None, :])
         embs += [self.embed_prom(batch.prom, batch.level), self.embed_resp(batch.resp, batch.level)]
-        lengths, has_sep = segment_lengths(cfg, batch)
-        lay, segment, offset, is_sep = layout(cfg, lengths, has_sep, n_rows)
+        lengths, _ = layout.segment_lengths(cfg, batch, jnp)
+        lay = layout.row_layout(cfg, batch, n_rows, jnp)
         x = jnp.zeros((B, n_rows, cfg.d_model), jnp.float32)
         for k, (emb_BND, n_B) in enumerate(zip(embs, lengths)):
-            rows = jnp.take_along_axis(emb_BND, jnp.clip(offset, 0, emb_BND.shape[1] - 1)[..., None], axis=1)
-            x = jnp.where(((segment == k) & (offset < n_B[:, None]))[..., None], rows.astype(jnp.float32), x)
-        x = jnp.where(is_sep[..., None], self.sep.astype(jnp.float32), x)
+            rows = jnp.take_along_axis(emb_BND, jnp.clip(lay.offset, 0, emb_BND.shape[1] - 1)[..., None], axis=1)
+            x = jnp.where(((lay.segment == k) & (lay.offset < n_B[:, None]))[..., None], rows.astype(jnp.float32), x)
+        x = jnp.where(lay.is_sep[..., None], self.sep.astype(jnp.float32), x)
         return x.astype(cfg.dtype), lay
 
     def embed_ar_tokens(self, tokens_BC: Array) -> Array:
         """Embedding of newly generated level-0 tokens (AR table R_0, which holds the stop row)."""
         return self.resps_emb(0, tokens_BC).astype(self.cfg.dtype)
 
-    def backbone(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, cache: Any = None, deterministic: bool = True, **kw):
-        """Hidden states [B, S, D]; with `cache` (KV cache or retention state) the rows extend each item's prefix."""
-        return self.model(x_BSD, positions_BS, valid_BS, cache, deterministic=deterministic, **kw)
+    def backbone(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, state: Any = None,
+                 deterministic: bool = True, step: bool = False) -> tuple[Array, Any]:  # fmt: skip
+        """Hidden states [B, S, D]; with `state` (the backbone's incremental state: a KV cache, a retention
+        state) the rows extend each item's prefix; `step` marks a decode step (models/backbone.py)."""
+        return self.model(x_BSD, positions_BS, valid_BS, state, deterministic=deterministic, step=step)
 
     def logits(self, h_BSD: Array, level_B: Array, uniform_level: bool = False) -> Array:
         """Float32 logits [B, S, V]; split heads choose each item's head by its target level
@@ -289,8 +195,8 @@ class VALLE(nn.Module):
             return self.classifiers(h_BSD, level_B, uniform_level)
         return self.classifier(h_BSD).astype(jnp.float32)
 
-    def __call__(self, batch: Batch, deterministic: bool = True, n_rows: int | None = None, uniform_level: bool = False,
-                 **backbone_kw) -> tuple[Array, Layout]:  # fmt: skip
+    def __call__(self, batch: Batch, deterministic: bool = True, n_rows: int | None = None,
+                 uniform_level: bool = False) -> tuple[Array, RowLayout]:  # fmt: skip
         """Teacher-forced pass: logits of every row (zero on padding rows, as the reference's mask).
         `uniform_level`: the caller guarantees every item has the same level (see `logits`)."""
         if self.is_initializing():  # tables the tts path never reads still exist in every checkpoint
@@ -301,7 +207,7 @@ class VALLE(nn.Module):
                 self.proms_emb(k, jnp.zeros((1,), jnp.int32))
                 self.resps_emb(k, jnp.zeros((1,), jnp.int32))
         x, lay = self.embed(batch, n_rows)
-        h, _ = self.backbone(x, lay.positions, lay.valid, None, deterministic, **backbone_kw)
+        h, _ = self.backbone(x, lay.positions, lay.valid, None, deterministic)
         logits = self.logits(h, batch.level, uniform_level)
         return jnp.where(lay.valid[..., None], logits, 0.0), lay
 
@@ -314,7 +220,7 @@ def head_width(cfg: ModelConfig, level: int) -> int:
 def init_params(cfg: ModelConfig, rng: Array, boxed: bool = False) -> dict:
     """Fresh parameters for `cfg` (plain nested dict, or boxed with logical axis names)."""
     model = VALLE(cfg)
-    batch = make_batch([{"text": [1, 2], "prom": [[0] * cfg.resp_levels], "resp": [[0] * cfg.resp_levels], "level": 0}])
+    batch = layout.make_batch([{"text": [1, 2], "prom": [[0] * cfg.resp_levels], "resp": [[0] * cfg.resp_levels], "level": 0}])
     variables = model.init(rng, batch)
     params = variables["params"]
     return params if boxed else nn.unbox(params)

@@ -1,0 +1,52 @@
+"""Codec facts, one table: sample rate, hop, levels, codebook size, frame rates (no imports beyond the stdlib).
+
+Two frame rates exist per codec: the exact one (sample_rate / hop_length: 75 for EnCodec at 24 kHz, 86.13 for DAC
+at 44.1 kHz), used to turn frames into seconds of audio, and the reference's rounded timing constant (spec 1.6:
+75 for EnCodec/Vocos, 87 for DAC), which it uses for durations in its datasets and which our prepared datasets
+store as `frames_per_second` for the same purpose.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class CodecKind(str, enum.Enum):
+    ENCODEC = "encodec"
+    VOCOS = "vocos"  # EnCodec codes, decoded by Vocos (the reference's default decoder)
+    DAC = "dac"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    sample_rate: int
+    hop_length: int
+    levels: int  # the reference's number of levels (8 for EnCodec/Vocos at 6 kbps, 9 for DAC)
+    codebook_size: int
+    allowed_levels: tuple[int, ...]
+    reference_fps: int  # the reference's rounded frame rate for durations (spec 1.6)
+    encoder: str  # the codec whose codes these are (Vocos decodes EnCodec codes)
+
+    @property
+    def frames_per_second(self) -> float:
+        """Exact code frames per second of audio."""
+        return self.sample_rate / self.hop_length
+
+
+CODEC_SPECS: dict[str, CodecSpec] = {
+    CodecKind.ENCODEC.value: CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16, 32), 75, "encodec"),
+    CodecKind.VOCOS.value: CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16), 75, "encodec"),
+    CodecKind.DAC.value: CodecSpec(44100, 512, 9, 1024, tuple(range(1, 10)), 87, "dac"),
+}
+
+
+def codec_spec(kind: str) -> CodecSpec:
+    """The spec of codec `kind`; a clear error names the allowed kinds."""
+    try:
+        return CODEC_SPECS[str(kind)]
+    except KeyError:
+        raise ValueError(f"codec {kind!r}: expected one of {', '.join(CODEC_SPECS)}") from None

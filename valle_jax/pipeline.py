@@ -1,0 +1,415 @@
+"""Synthesis as a library: text -> prompt codes -> AR (continuous batching) -> NAR -> codec, with typed settings.
+
+    models = load_models("models/ar+nar-llama-8")
+    with CodecClient(models.codec) as codec:
+        syn = Synthesizer(models, Settings(slots=16), codec)
+        requests = [syn.request("u1", {"text": "Hello.", "prompt": "ref.wav"})]   # ItemError on bad input
+        for out in syn.run(requests):                                            # as items finish
+            out.audio, out.codes, out.error ...
+
+Every synthesis path of valle_jax goes through here: the job CLI (synthesize.py), the audio samples written during
+training (eval_samples.py), tools/bench_synth.py and tools/parity.py. The stages are also usable alone:
+`request_batch` (padded inputs), `ar_codes` / `nar_codes` (one compiled program per shape), `level0` (the AR
+tokens the NAR and the codec get), `codec_codes` (what the codec may decode).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from valle_jax import sampling
+from valle_jax.config import ConfigError, FrozenMap, ModelConfig, runtime_config
+from valle_jax.generate import ARResult, ARScheduler, ar_generate, nar_generate
+from valle_jax.layout import Batch, before_stop, bucket, make_batch
+
+SILENCE_RMS = 1e-4  # a prompt quieter than this (float samples in [-1, 1]) is treated as silent
+
+
+class ItemError(ValueError):
+    """One item cannot be synthesized (bad input); a job records it and goes on."""
+
+
+def _stage_name(setting: str, stage: str) -> str:
+    """The manifest / CLI name of a sampler setting: temperatures are per stage (ar_/nar_), the rest shared."""
+    return f"{stage}_{setting}" if setting in ("temperature", "min_temperature") else setting
+
+
+AR_KEYS = {_stage_name(s, "ar"): s for s in sampling.SETTINGS}  # manifest/CLI name -> AR sampler setting
+NAR_KEYS = {_stage_name(s, "nar"): s for s in sampling.NAR_SETTINGS}
+ITEM_KEYS = {"id", "text", "prompt", "codes", "language", "max_ar_steps"} | set(AR_KEYS) | set(NAR_KEYS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a job synthesizes (the CLI's flags; every field has the reference CLI's behaviour by default)."""
+
+    max_ar_steps: int = 900  # AR tokens per text line (12 s at 75 frames/s)
+    max_nar_levels: int = 7  # NAR levels after level 0
+    prompt_seconds: float = 3.0  # keep the prompt's first N seconds (0 = all)
+    max_prompt_frames: int = 512
+    max_text_tokens: int = 512
+    slots: int = 16  # AR items decoded together
+    chunk: int = 32  # AR steps between slot refills
+    continuous: bool = True  # a finished slot takes the next item (False: static batches)
+    seed: int = 0
+    preset: str = "cli"  # sampler defaults (sampling.ar_defaults / nar_defaults)
+    ar: Mapping[str, float] = field(default_factory=FrozenMap)  # AR sampler settings for every item
+    nar: Mapping[str, float] = field(default_factory=FrozenMap)
+    language: str = "en"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ar", FrozenMap(self.ar))
+        object.__setattr__(self, "nar", FrozenMap(self.nar))
+        for name in ("max_ar_steps", "max_prompt_frames", "max_text_tokens", "slots", "chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+        if not isinstance(self.max_nar_levels, int) or self.max_nar_levels < 0:
+            raise ConfigError(f"max_nar_levels = {self.max_nar_levels!r}: expected an integer >= 0")
+        if self.preset not in ("cli", "inference", "forward"):
+            raise ConfigError(f"preset = {self.preset!r}: expected cli, inference or forward")
+
+    @classmethod
+    def greedy(cls, **kw: Any) -> "Settings":
+        """Temperature 0 for the AR and the NAR (deterministic; what parity and training samples use)."""
+        return cls(ar={"temperature": 0.0}, nar={"temperature": 0.0}, **kw)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The AR model and the NAR model (the same one for ar+nar checkpoints), as they run here."""
+
+    cfg: ModelConfig
+    params: Any
+    nar_cfg: ModelConfig
+    nar_params: Any
+
+    @property
+    def codec(self) -> str:
+        return str(self.cfg.codec)
+
+
+def load_models(checkpoint: str | Path, nar_checkpoint: str | Path | None = None, *, dtype: str = "auto",
+                attention: str | None = None, heads: int | None = None) -> Models:  # fmt: skip
+    """Load a model directory or reference .sft/.pth (plus a separate NAR model), compute dtype decided here."""
+    from valle_jax.checkpoint import cast_tree
+    from valle_jax.convert import load_any
+
+    def one(path):
+        cfg, params = load_any(path, heads=heads, dtype=np.float32)
+        cfg = runtime_config(cfg, dtype, attention)
+        return cfg, cast_tree(params, cfg.dtype, jax.numpy.asarray)
+
+    cfg, params = one(checkpoint)
+    if not cfg.causal:
+        raise ConfigError(f"{checkpoint} has no AR capability ({list(cfg.capabilities)}); give an AR model as the "
+                          "checkpoint and the NAR one as the NAR checkpoint")  # fmt: skip
+    nar_cfg, nar_params = one(nar_checkpoint) if nar_checkpoint else (cfg, params)
+    if not nar_cfg.has_nar:
+        raise ConfigError(f"{nar_checkpoint or checkpoint} has no NAR capability ({list(nar_cfg.capabilities)})")
+    return Models(cfg, params, nar_cfg, nar_params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stages
+
+
+def request_batch(texts: Sequence[np.ndarray], proms: Sequence[np.ndarray], resps: Sequence[np.ndarray] | None = None,
+                  pad_to: Mapping[str, int] | None = None, level: int = 0) -> Batch:  # fmt: skip
+    """Inputs of a generation batch (numpy): text ids, prompt codes and (NAR) the level-0 codes so far."""
+    resps = resps if resps is not None else [np.zeros((1, 1), np.int32)] * len(texts)
+    items = [{"text": t, "prom": p, "resp": np.asarray(r).reshape(len(r), -1) if len(r) else np.zeros((1, 1), np.int32),
+              "level": level} for t, p, r in zip(texts, proms, resps)]  # fmt: skip
+    return make_batch(items, pad_to=pad_to)
+
+
+_ar_jit = jax.jit(ar_generate, static_argnums=(0, 3))
+_nar_jit = jax.jit(nar_generate, static_argnums=(0,), static_argnames=("max_levels",))
+
+
+def ar_codes(cfg: ModelConfig, params: Any, batch: Batch, max_steps: int, *, key: jax.Array | None = None,
+             sampling_params: sampling.SamplingParams | None = None) -> ARResult:  # fmt: skip
+    """Level-0 tokens of a static batch (one compiled program per shape; device arrays, not waited for)."""
+    return _ar_jit(cfg, params, batch, max_steps, key=key, sampling_params=sampling_params)
+
+
+def nar_codes(cfg: ModelConfig, params: Any, batch: Batch, level0_BR: Any, *, max_levels: int | None = None,
+              key: jax.Array | None = None, sampling_params: sampling.SamplingParams | None = None) -> jax.Array:  # fmt: skip
+    """Codes [B, R, Q]: column 0 the given level-0 codes, levels 1..max_levels from the NAR passes."""
+    return _nar_jit(cfg, params, batch, level0_BR, max_levels=max_levels, key=key, sampling_params=sampling_params)
+
+
+def level0(raw: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """The AR's result as the NAR and the codec take it: every token before the first stop token (the stop token
+    is the only id outside the codebook the level-0 head can give)."""
+    return before_stop(np.asarray(raw), cfg.stop_token).astype(np.int32)
+
+
+def codec_codes(codes: np.ndarray, cfg: ModelConfig, levels: int | None = None) -> np.ndarray:
+    """Codes [frames, levels] the codec may decode: the levels made, values in the codebook. A single (1025-wide)
+    head can give the stop id at a NAR level, where the reference would fail: it is mapped to the last code."""
+    codes = np.asarray(codes)[:, : levels or codes.shape[1]]
+    return np.clip(codes, 0, cfg.audio_tokens - 1).astype(np.int16)
+
+
+def item_settings(item: Mapping[str, Any], keys: Mapping[str, str]) -> dict:
+    """The sampler settings an item sets (manifest names in `keys` -> setting names), checked."""
+    out = {}
+    for name, setting in keys.items():
+        if name in item:
+            value = item[name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ItemError(f"field {name!r} = {value!r}: expected a number")
+            out[setting] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# requests and results
+
+
+@dataclass
+class Request:
+    """One item ready for generation: token ids per text line, prompt codes and its sampler settings."""
+
+    id: Any
+    lines: list[np.ndarray]
+    prom: np.ndarray  # [P, Q] int32
+    max_tokens: int
+    ar: dict = field(default_factory=dict)  # AR sampler settings of this item (over the job's `Settings.ar`)
+    nar: dict = field(default_factory=dict)
+
+
+@dataclass
+class Output:
+    """One finished item: audio (or the error that stopped it), the codes of each line, timings."""
+
+    id: Any
+    audio: np.ndarray | None
+    codes: list[np.ndarray]
+    error: str | None = None
+    seconds: float = 0.0  # of audio
+    wall_s: float = 0.0  # from the first line entering the AR to the audio
+
+
+@dataclass
+class _Pending:
+    request: Request
+    started: float
+    codes: dict[int, np.ndarray] = field(default_factory=dict)
+    audio: dict[int, np.ndarray] = field(default_factory=dict)
+    received: int = 0
+    error: str | None = None
+
+
+def _failed(message: str) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_exception(ItemError(message))
+    return fut
+
+
+def _done(value: Any) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the synthesizer
+
+
+class Synthesizer:
+    """Turns items into requests (text front end, prompt encoding) and requests into audio.
+
+    `codec` is a started `valle_jax.codec.CodecClient` (None: `run` yields codes only and no audio; prompts
+    must then be given as codes). The AR decodes `settings.slots` lines at a time with continuous batching; the
+    NAR runs on groups of finished lines; decoding to audio overlaps with generation.
+    """
+
+    def __init__(self, models: Models, settings: Settings = Settings(), codec: Any = None):
+        from valle_jax.codec import codec_spec
+
+        self.models, self.settings, self.codec = models, settings, codec
+        self.spec = codec_spec(codec.kind if codec is not None else models.codec)
+        self.levels = models.nar_cfg.resp_levels
+        self._front: dict[tuple[str, str], Any] = {}
+
+    # ----- inputs
+    def text_ids(self, text: Any, language: str) -> list[np.ndarray]:
+        """Token ids of each line of `text` (the reference synthesizes every line on its own)."""
+        from valle_jax.text import FrontEndError, TextFrontEnd
+
+        if not isinstance(text, str):
+            raise ItemError(f"field 'text' = {text!r}: expected a string")
+        if not text.strip():
+            raise ItemError("empty text")
+        key = (str(self.models.cfg.tokenizer), language)
+        try:
+            if key not in self._front:
+                self._front[key] = TextFrontEnd(tokenizer=key[0], language=language)
+            lines = self._front[key].ids(text)
+        except FrontEndError as e:
+            raise ItemError(str(e)) from None
+        out = []
+        for ids in lines:
+            if len(ids) > self.settings.max_text_tokens:
+                raise ItemError(f"text line of {len(ids)} tokens exceeds the limit of {self.settings.max_text_tokens} "
+                              "(max_text_tokens, --max-text-tokens)")
+            out.append(np.asarray(ids, np.int32))
+        if not out:
+            raise ItemError("empty text")
+        return out
+
+    def prompt_codes(self, item: Mapping[str, Any]) -> np.ndarray:
+        """[frames, levels] prompt codes from a codes file or audio files (each encoded alone, spec 6.5), trimmed
+        to `settings.prompt_seconds` and `max_prompt_frames`."""
+        from valle_jax.codec import AudioFileError, CodecFileError, read_audio, read_codes
+
+        if "codes" in item:
+            try:
+                codes, _ = read_codes(item["codes"])
+            except (CodecFileError, OSError, ValueError, TypeError) as e:
+                raise ItemError(f"codes {item['codes']}: {e}") from None
+            parts = [np.asarray(codes)]
+        else:
+            paths = item.get("prompt")
+            paths = [paths] if isinstance(paths, str) else paths
+            if not paths:
+                raise ItemError("no prompt: give 'prompt' (audio path or list of paths) or 'codes'")
+            if self.codec is None:
+                raise ItemError("prompt audio needs a codec; give 'codes' instead")
+            waves = []
+            for p in paths:
+                try:
+                    wav, sr = read_audio(p)
+                except (FileNotFoundError, AudioFileError, OSError, ValueError) as e:
+                    raise ItemError(f"prompt {p}: {e}") from None
+                if not np.isfinite(wav).all() or float(np.sqrt(np.mean(np.square(wav)))) < SILENCE_RMS:
+                    raise ItemError(f"prompt {p}: silent or invalid audio")
+                waves.append((wav, sr))
+            parts = [self.codec.encode([w], sr)[0] for w, sr in waves]
+        codes = np.concatenate(parts, axis=0)
+        if codes.ndim != 2 or codes.shape[1] < self.levels:
+            raise ItemError(f"prompt codes have shape {list(codes.shape)}, expected [frames, >= {self.levels}]")
+        if self.settings.prompt_seconds > 0:
+            codes = codes[: int(self.spec.frames_per_second * self.settings.prompt_seconds)]
+        return codes[: self.settings.max_prompt_frames, : self.levels].astype(np.int32)
+
+    def request(self, item_id: Any, item: Mapping[str, Any]) -> Request:
+        """Validate one manifest item and prepare it (text front end, prompt encoding); ItemError when bad."""
+        unknown = sorted(set(item) - ITEM_KEYS)
+        if unknown:
+            raise ItemError(f"unknown field(s) {unknown}; expected some of {sorted(ITEM_KEYS)}")
+        lines = self.text_ids(item.get("text"), item.get("language", self.settings.language))
+        prom = self.prompt_codes(item)
+        steps = item.get("max_ar_steps", self.settings.max_ar_steps)
+        return Request(item_id, lines, prom, int(steps), item_settings(item, AR_KEYS), item_settings(item, NAR_KEYS))
+
+    # ----- generation
+    def run(self, requests: Sequence[Request], progress: bool = True) -> Iterator[Output]:
+        """Synthesize every request; yields an Output per request as soon as all its lines are decoded."""
+        from tqdm import tqdm
+
+        m, st = self.models, self.settings
+        lines = [(r, i, ids) for r in requests for i, ids in enumerate(r.lines)]
+        if not lines:
+            return
+        sched = ARScheduler(m.cfg, m.params, slots=min(st.slots, len(lines)), max_tokens=max(r.max_tokens for r in requests),
+                            text_bucket=bucket(max(len(ids) for _, _, ids in lines)),
+                            prom_bucket=bucket(max(len(r.prom) for r in requests)), chunk=st.chunk, seed=st.seed,
+                            continuous=st.continuous)  # fmt: skip
+        now = time.perf_counter()
+        pending = {r.id: _Pending(r, now) for r in requests}
+        for r, i, ids in lines:
+            sched.submit((r.id, i), ids, r.prom, r.max_tokens, sampling.ar_defaults(1, st.preset, **{**st.ar, **r.ar}))
+        self._key = jax.random.key(st.seed + 1)
+        self._buckets = (sched.text_bucket, sched.prom_bucket)
+        ready: list[tuple[tuple, np.ndarray]] = []
+        futures: list[tuple[tuple, concurrent.futures.Future]] = []
+        bar = tqdm(total=len(lines), desc="synthesize", unit="line", disable=not progress)
+        audio_s, t0 = 0.0, time.perf_counter()
+        for key, raw, _, finite in sched.run():
+            bar.update(1)
+            if not finite:
+                futures.append((key, _failed(f"line {key[1]}: NaN/inf in the model's logits")))
+            else:
+                tokens = level0(raw, m.cfg)
+                ready.append((key, tokens))
+                audio_s += len(tokens) / self.spec.frames_per_second
+                bar.set_postfix(audio_s_per_s=f"{audio_s / (time.perf_counter() - t0):.1f}")
+            while len(ready) >= sched.slots:
+                futures += self._nar_and_decode(pending, ready[: sched.slots])
+                del ready[: sched.slots]
+            yield from self._collect(futures, pending, wait=False)
+        if ready:
+            futures += self._nar_and_decode(pending, ready)
+        yield from self._collect(futures, pending, wait=True)
+        bar.close()
+
+    def _nar_and_decode(self, pending: dict, group: list[tuple[tuple, np.ndarray]]) -> list[tuple[tuple, Any]]:
+        """NAR levels for a group of lines (one batch), then their audio (asynchronous when a codec runs)."""
+        m, st = self.models, self.settings
+        reqs = [pending[k[0]].request for k, _ in group]
+        text_b, prom_b = self._buckets
+        R = bucket(max(max(len(t), 1) for _, t in group))
+        batch = request_batch([r.lines[k[1]] for r, (k, _) in zip(reqs, group)], [r.prom for r in reqs],
+                              [t for _, t in group], pad_to={"text": text_b, "prom": prom_b, "resp": R})  # fmt: skip
+        sp = sampling.stack_params([sampling.nar_defaults(1, st.preset, **{**st.nar, **r.nar}) for r in reqs])
+        self._key, sub = jax.random.split(self._key)
+        codes = np.asarray(nar_codes(m.nar_cfg, m.nar_params, batch, batch.resp[..., 0], max_levels=st.max_nar_levels,
+                                     key=sub, sampling_params=sp))  # fmt: skip
+        out = []
+        for j, (k, tokens) in enumerate(group):
+            c = codec_codes(codes[j, : len(tokens)], m.nar_cfg)
+            pending[k[0]].codes[k[1]] = c
+            if not len(tokens):
+                out.append((k, _done([np.zeros((0,), np.float32)])))
+            elif self.codec is None:
+                out.append((k, _done([None])))
+            else:
+                out.append((k, self.codec.decode_async([c])))
+        return out
+
+    def _collect(self, futures: list, pending: dict, wait: bool) -> Iterator[Output]:
+        from valle_jax.codec import CodecError
+
+        keep = []
+        for k, fut in futures:
+            if not wait and not fut.done():
+                keep.append((k, fut))
+                continue
+            item_id, index = k
+            p = pending[item_id]
+            p.received += 1
+            try:
+                audio = fut.result()[0]
+                if audio is not None and not np.isfinite(audio).all():
+                    raise ItemError(f"line {index}: NaN/inf in the decoded audio")
+                p.audio[index] = audio
+            except (CodecError, ItemError) as e:
+                p.error = p.error or str(e)
+            if p.received == len(p.request.lines):
+                del pending[item_id]
+                yield self._finish(p)
+        futures[:] = keep
+
+    def _finish(self, p: _Pending) -> Output:
+        n = len(p.request.lines)
+        codes = [p.codes.get(i, np.zeros((0, self.levels), np.int16)) for i in range(n)]
+        wall = round(time.perf_counter() - p.started, 3)
+        if p.error:
+            return Output(p.request.id, None, codes, p.error, wall_s=wall)
+        if self.codec is None:
+            return Output(p.request.id, None, codes, None, wall_s=wall)
+        audio = np.concatenate([p.audio[i] for i in range(n)])
+        if audio.size == 0:
+            return Output(p.request.id, None, codes, "the AR stopped at once: no audio", wall_s=wall)
+        return Output(p.request.id, audio, codes, None, round(len(audio) / self.spec.sample_rate, 3), wall)
