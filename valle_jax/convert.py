@@ -476,7 +476,10 @@ def load_reference(path: str | Path, overrides: list[str] | dict | None = None, 
         base = cfg.to_dict()
         for key in ("dim", "layers", "ffn", "resp_levels", "text_tokens", "tasks", "langs", "tones", "embed_tokens", "dropout_token"):
             yaml_cfg[key] = base[key]  # shapes always come from the checkpoint
-        yaml_cfg["experimental"]["split_classifiers"] = base["experimental"]["split_classifiers"]
+        for key in ("split_classifiers", "kv_heads"):
+            yaml_cfg["experimental"][key] = base["experimental"][key]
+        if heads is not None or yaml_cfg.get("heads") is None:  # --heads wins; a YAML `size` preset does not
+            yaml_cfg["heads"] = base["heads"]
         cfg = ModelConfig.from_dict(yaml_cfg)
     if overrides:
         cfg = cfg.override(overrides)
