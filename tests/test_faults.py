@@ -85,6 +85,10 @@ def test_finding6_config_metadata_that_is_not_json_is_refused(tmp_path):
         assert getattr(cfg.experimental, field) == getattr(good.experimental, field), field
     assert cfg.capabilities == good.capabilities and cfg.version == good.version
     assert reference["metadata"]["config"] == "{'name': 'ar+nar', 'experimental': {'causal_size': 4}"  # kept as found
+    with pytest.warns(UserWarning, match="not a JSON object"):  # an export writes flags the reference can read
+        export_reference(out, tmp_path / "repaired.sft")
+    written = json.loads(read_safetensors(tmp_path / "repaired.sft")[1]["config"])
+    assert written["experimental"]["causal_size"] == 4 and written["experimental"]["audio_embedding_sums"] is True
     kv, _, _ = load_reference(damaged, ["experimental.audio_embedding_sums=true", "experimental.causal_size=4",
                                         "experimental.unified_position_ids=false", "heads=2"], ignore_metadata_config=True)  # fmt: skip
     assert kv.experimental.audio_embedding_sums and kv.causal_size == 4 and not kv.experimental.unified_position_ids
@@ -179,6 +183,7 @@ def test_finding8_cli_user_errors_are_one_line_and_leave_nothing(tmp_path, model
     _one_line_error(_convert_cli("import", tmp_path, tmp_path / "m"), "is a directory")
     _one_line_error(_convert_cli("import", src, a_file / "m"), "is not a directory")
     _one_line_error(_convert_cli("import", src, tmp_path / "m", "--heads", "0"), "heads")
+    _one_line_error(_convert_cli("import", src, damaged / "params", "--force"), "not a valle_jax model directory")
     _one_line_error(_convert_cli("export", model_dir, tmp_path / "folder.sft", "--force"), "is a directory")
     _one_line_error(_convert_cli("export", damaged, tmp_path / "o.sft"), str(damaged), "not a readable")
     assert _listing(tmp_path) == before  # no output, no temporary left behind

@@ -543,6 +543,10 @@ def check_destination(dst: str | Path, force: bool, is_dir: bool) -> None:
             raise CheckpointError(f"{dst}: exists and is {'a directory' if dst.is_dir() else 'a file'}, not {want}")
         if not force:
             raise CheckpointError(f"{dst}: already exists (use --force to replace it)")
+        from valle_jax.checkpoint import CONFIG_FILE
+
+        if is_dir and any(dst.iterdir()) and not (dst / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{dst}: exists and is not a valle_jax model directory; not replacing it, even with --force")
     parent = dst.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -574,7 +578,7 @@ def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = N
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{src_dir}: not a readable valle_jax model directory ({first})") from None
     state = params_to_state(params, reference.get("keys"), DTYPES[dtype] if dtype else None)
-    metadata = dict(reference.get("metadata") or {})
+    metadata = _usable_config(dict(reference.get("metadata") or {}), cfg, reference.get("container"), src_dir)
     same_container = reference.get("container") == container
     if container == "sft":
         if not (same_container and metadata):
@@ -585,6 +589,25 @@ def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = N
             metadata = _default_metadata(cfg, metadata)
         write_pth(dst, state, metadata)
     return dst
+
+
+def _usable_config(metadata: dict, cfg: ModelConfig, container: str | None, src: str | Path) -> dict:
+    """The imported file's metadata, kept verbatim unless its `config` was not a JSON object (imported with
+    --ignore-metadata-config): that one is replaced by the flags the model was given, so the export loads."""
+    if "config" not in metadata:
+        return metadata
+    value = metadata["config"]
+    if container == "sft" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(value, dict):
+        return metadata
+    warnings.warn(f"{src}: the imported 'config' metadata was not a JSON object; the export writes this model's "
+                  "config instead", stacklevel=3)  # fmt: skip
+    flags = cfg.reference_dict()
+    return dict(metadata, config=json.dumps(flags) if container == "sft" else flags)
 
 
 def _default_metadata(cfg: ModelConfig, previous: dict) -> dict:
