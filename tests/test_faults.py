@@ -67,6 +67,13 @@ def test_finding6_config_metadata_that_is_not_json_is_refused(tmp_path):
     not_object = _x4_with_config(tmp_path, "[1, 2]", "x4-list.sft")  # JSON, but no flags in it either
     with pytest.raises(CheckpointError, match="not a JSON object"):
         load_reference(not_object, heads=2)
+    flags = json.loads(read_safetensors(src)[1]["config"])
+    for name, value, message in (("causal_size", "4", "experimental.causal_size = '4': expected a whole number"),
+                                 ("audio_embedding_sums", "yes", "audio_embedding_sums = 'yes': expected true or false"),
+                                 ("kv_heads", None, "experimental.kv_heads = None")):  # fmt: skip
+        typed = _x4_with_config(tmp_path, json.dumps({**flags, "experimental": {**flags["experimental"], name: value}}), f"x4-{name}.sft")
+        with pytest.raises(CheckpointError, match=message):
+            load_reference(typed, heads=2)
 
     # the CLI: one line, exit 2, no model directory
     out = tmp_path / "model"
@@ -86,7 +93,7 @@ def test_finding6_config_metadata_that_is_not_json_is_refused(tmp_path):
     assert cfg.capabilities == good.capabilities and cfg.version == good.version
     assert reference["metadata"]["config"] == "{'name': 'ar+nar', 'experimental': {'causal_size': 4}"  # kept as found
     with pytest.warns(UserWarning, match="not a JSON object"):  # an export writes flags the reference can read
-        export_reference(out, tmp_path / "repaired.sft")
+        export_reference(out, tmp_path / "repaired.sft", force=False)
     written = json.loads(read_safetensors(tmp_path / "repaired.sft")[1]["config"])
     assert written["experimental"]["causal_size"] == 4 and written["experimental"]["audio_embedding_sums"] is True
     kv, _, _ = load_reference(damaged, ["experimental.audio_embedding_sums=true", "experimental.causal_size=4",
@@ -158,7 +165,7 @@ def test_finding8_export_refuses_an_existing_destination_without_force(tmp_path,
     dst = tmp_path / "out.sft"
     dst.write_bytes(b"someone's file")
     with pytest.raises(CheckpointError, match="already exists.*--force"):
-        export_reference(model_dir, dst)
+        export_reference(model_dir, dst, force=False)
     _one_line_error(_convert_cli("export", model_dir, dst), str(dst), "--force")
     assert dst.read_bytes() == b"someone's file"
     assert _listing(tmp_path) == ["out.sft"]

@@ -308,18 +308,33 @@ def metadata_config(meta: dict[str, Any], src: str, ignore: bool = False) -> dic
 
     A `config` that is present but not a JSON object is refused: reading flags from it is impossible, and
     falling back to defaults would import a different model (sums off, causal_size 1 ...) without a word.
+    So is one whose flags that change the computation have the wrong type ("causal_size": "4").
     """
     if ignore or "config" not in meta:
         return None
     value = meta["config"]
-    if isinstance(value, dict):
-        return value
-    shown = value if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    raise CheckpointError(
-        f"{src}: metadata 'config' is not a JSON object ({shown!r}), so the model's flags cannot be read from it; "
-        f"repair the file, or pass {IGNORE_METADATA_CONFIG_FLAG} and give the flags with --config X.yaml or "
-        "key=value overrides (e.g. experimental.audio_embedding_sums=true experimental.causal_size=4)"
-    )
+    way_on = (f"repair the file, or pass {IGNORE_METADATA_CONFIG_FLAG} and give the flags with --config X.yaml or "
+              "key=value overrides (e.g. experimental.audio_embedding_sums=true experimental.causal_size=4)")  # fmt: skip
+    if not isinstance(value, dict):
+        shown = value if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise CheckpointError(f"{src}: metadata 'config' is not a JSON object ({shown!r}), so the model's flags "
+                              f"cannot be read from it; {way_on}")  # fmt: skip
+    exp = {} if value.get("experimental") is None else value["experimental"]
+    if not isinstance(exp, dict):
+        raise CheckpointError(f"{src}: metadata 'config': experimental = {exp!r}: expected a mapping; {way_on}")
+    checks = [("audio_embedding_sums", value[k], bool) for k in ("audio_embedding_sums",) if k in value]  # legacy place
+    checks += [(f"experimental.{k}", exp[k], bool) for k in _BOOL_FLAGS if k in exp]
+    checks += [(f"experimental.{k}", exp[k], int) for k in _INT_FLAGS if k in exp]
+    for name, v, kind in checks:
+        if not (isinstance(v, bool) if kind is bool else isinstance(v, int) and not isinstance(v, bool)):
+            want = "true or false" if kind is bool else "a whole number"
+            raise CheckpointError(f"{src}: metadata 'config': {name} = {v!r}: expected {want}; {way_on}")
+    return value
+
+
+# The flags that change what the model computes (the rest are shapes, read from the keys, or unused here).
+_BOOL_FLAGS = ("audio_embedding_sums", "split_classifiers", "unified_position_ids")
+_INT_FLAGS = ("causal_size", "kv_heads")
 
 
 def infer_config(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: Path, heads: int | None = None,
@@ -556,10 +571,12 @@ def check_destination(dst: str | Path, force: bool, is_dir: bool) -> None:
         raise CheckpointError(f"{dst}: cannot be written: no write permission in {parent}")
 
 
-def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False) -> Path:
+def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = None, force: bool = True) -> Path:
     """Model directory -> reference .sft or .pth, with the keys, shapes and metadata the reference loads.
 
-    An existing `dst` is refused unless `force`; the file appears whole or not at all.
+    `force=False` (what the CLI passes unless --force) refuses an existing `dst`. The default replaces it
+    because train.export_model rewrites its run's own export on every finished run; flip it once that
+    caller passes force=True. The file appears whole or not at all.
     """
     from valle_jax.checkpoint import load_model_dir
 
