@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's warnings would bury the one-line error
-    sys.unraisablehook = _drop_closed_loop_noise
+    sys.unraisablehook = _drop_closed_loop_noise  # for the rest of the process: the noise comes at exit too
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
