@@ -196,9 +196,11 @@ def test_missing_weights_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError, match="vocos-encodec-24khz"):
         CodecClient("vocos")
     (tmp_path / "config.yaml").write_text("x")
-    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")  # a stand-in: its checksum is not checked here
+    monkeypatch.setenv("VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS", "1")
     with pytest.raises(MissingWeightsError, match="encodec_24khz-d7cc33bc.th"):  # vocos needs EnCodec too
         CodecClient("vocos", weights=tmp_path)
+    monkeypatch.delenv("VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS")
     with pytest.raises(MissingWeightsError, match="weights_44khz_8kbps_0.0.1.pth"):
         CodecClient("dac", weights=tmp_path)
 
@@ -210,12 +212,14 @@ def test_missing_weights_name_the_file(tmp_path, monkeypatch):
         CodecClient("encodec")
 
 
-def test_weights_from_files_load_through_the_real_path(tmp_path, reference_codes):
+def test_weights_from_files_load_through_the_real_path(tmp_path, reference_codes, monkeypatch):
     """Checkpoint files in the published layouts (here holding the seed-0 random models) load through the
     pretrained-weights code: EnCodec's .th state dict, Vocos' config.yaml + pytorch_model.bin."""
     import torch
     import yaml
     from valle_jax.codec import _backends
+
+    monkeypatch.setenv("VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS", "1")  # stand-ins, not the published files
 
     encodec_model = _backends.build_encodec(None, 0)
     vocos_model = _backends.build_vocos(encodec_model, None, None, 0)
@@ -273,11 +277,13 @@ def test_vocos_sidecar_imports_no_torch_in_parent(reference_codes):
     assert result["lengths"] == [c.shape[0] * 320 for c in reference_codes] and result["finite"]
 
 
-def test_dac_weights_file_roundtrip(tmp_path):
+def test_dac_weights_file_roundtrip(tmp_path, monkeypatch):
     """A random DAC 44 kHz (seed 0) saved as descript's weights file loads in the sidecar, encodes a clip to
     9 varying levels with the reference's metadata and decodes to T * 512 samples, as the same model here."""
     import torch
     from valle_jax.codec import _backends
+
+    monkeypatch.setenv("VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS", "1")  # a stand-in, not the published file
 
     model = _backends.build_dac(None, 0)
     model.save(str(tmp_path / "weights.pth"), package=False)

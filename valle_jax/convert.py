@@ -1,19 +1,23 @@
 """Reference checkpoints (.sft / .pth) <-> valle_jax model directories, losslessly.
 
-    python -m valle_jax.convert import SRC.(sft|pth) DST_DIR [--config X.yaml] [key=value ...]
-    python -m valle_jax.convert export SRC_DIR DST.(sft|pth) [--dtype bfloat16|float16|float32]
+    python -m valle_jax.convert import SRC.(sft|pth) DST_DIR [--config X.yaml] [key=value ...] [--force]
+                                      [--ignore-metadata-config]
+    python -m valle_jax.convert export SRC_DIR DST.(sft|pth) [--dtype bfloat16|float16|float32] [--force]
 
 One table (`NAME_RULES`) maps reference state-dict keys to parameter paths; Linear weights are [out, in] in
 PyTorch and transposed for Dense kernels. Every tensor of the file is kept, used or not, with its dtype, and
 the file's metadata is kept verbatim, so import followed by export gives back the same tensors, keys and
 metadata bit for bit. Config comes from the keys (spec 7.6), then the file's `config` metadata for flags,
-then YAML, then CLI overrides.
+then YAML, then CLI overrides. A `config` metadata entry that is not a JSON object is refused (its flags cannot
+be known) unless --ignore-metadata-config says to take them from YAML / overrides instead. Every user error
+is one line on stderr and exit status 2, and leaves no output behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import struct
 import sys
@@ -99,8 +103,26 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], 
 # containers
 
 
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"safetensors header names {k!r} twice")
+        out[k] = v
+    return out
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Our own reader (numpy has no bfloat16 for the stock one); checks the file is whole."""
+    """Our own reader (numpy has no bfloat16 for the stock one); checks the file is whole and its header sound.
+
+    The layout rules are the safetensors library's own: every tensor's `data_offsets` [begin, end] are
+    non-negative integers with begin <= end, end - begin is exactly the bytes of its dtype and shape, and the
+    tensors, taken in offset order, tile the data section from byte 0 to its last byte without overlap or gap.
+    """
     data = path.read_bytes()
     if len(data) < 8:
         raise CheckpointError(f"{path}: not a checkpoint (too short for a safetensors header)")
@@ -110,14 +132,18 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     if n > len(data) - 8:
         raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {n} bytes, file {len(data)})")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(data[8 : 8 + n], object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a checkpoint (unreadable safetensors header: {e})") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: not a checkpoint ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a checkpoint (safetensors header is not a mapping)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: malformed safetensors header: '__metadata__' must map names to strings")
     body = memoryview(data)[8 + n :]
-    tensors = {}
+    layout = []  # (begin, end, key, dtype, shape)
     for key, info in header.items():
         try:
             dtype = _SFT_DTYPES[info["dtype"]]
@@ -125,13 +151,31 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             shape = tuple(info["shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: tensor {key!r}: malformed header entry {info!r}") from e
-        if end > len(body):
-            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end}, data has {len(body)}")
-        arr = np.frombuffer(body[begin:end], dtype=dtype)
-        if arr.size != int(np.prod(shape)):
-            raise CheckpointError(f"{path}: tensor {key!r}: {end - begin} bytes do not hold shape {list(shape)}")
-        tensors[key] = arr.reshape(shape).copy()
-    return tensors, dict(meta)
+        if not (_is_count(begin) and _is_count(end) and begin <= end):
+            raise CheckpointError(f"{path}: tensor {key!r}: data_offsets {[begin, end]} are not 0 <= begin <= end")
+        if not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{path}: tensor {key!r}: shape {list(shape)} is not a list of sizes >= 0")
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {key!r}: {end - begin} bytes do not hold shape {list(shape)} "
+                                  f"of {info['dtype']} ({nbytes} bytes)")  # fmt: skip
+        layout.append((begin, end, key, dtype, shape))
+    layout.sort(key=lambda t: (t[0], t[1]))
+    covered = 0
+    for begin, end, key, _, _ in layout:
+        if begin != covered:
+            what = "overlaps the tensor before it" if begin < covered else f"leaves bytes {covered}..{begin} unused"
+            raise CheckpointError(f"{path}: tensor {key!r}: data_offsets {[begin, end]} {what} (not a sound safetensors layout)")
+        covered = end
+    if covered > len(body):
+        key = layout[-1][2]
+        raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {covered}, data has {len(body)}")
+    if covered < len(body):
+        raise CheckpointError(f"{path}: {len(body) - covered} bytes after the last tensor (not a sound safetensors layout)")
+    tensors = {}  # in the header's order, which export keeps
+    for begin, end, key, dtype, shape in layout:
+        tensors[key] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
+    return {k: tensors[k] for k in header}, dict(meta)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
@@ -207,23 +251,28 @@ def write_pth(path: Path, tensors: dict[str, np.ndarray], extra: dict[str, Any])
 def read_reference(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
     """(state dict with legacy prefixes renamed, metadata as Python values, container) of a reference file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a .sft/.safetensors or .pth/.pt file")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    if suffix in (".sft", ".safetensors"):
-        tensors, raw_meta = read_safetensors(path)
-        meta = {}
-        for k, v in raw_meta.items():
-            try:
-                meta[k] = json.loads(v)
-            except json.JSONDecodeError:
-                meta[k] = v
-        container = "sft"
-    elif suffix in (".pth", ".pt"):
-        tensors, meta = read_pth(path)
-        container = "pth"
-    else:
-        raise CheckpointError(f"{path}: not a checkpoint (expected a .sft/.safetensors or .pth/.pt file)")
+    try:
+        if suffix in (".sft", ".safetensors"):
+            tensors, raw_meta = read_safetensors(path)
+            meta = {}
+            for k, v in raw_meta.items():
+                try:
+                    meta[k] = json.loads(v)
+                except json.JSONDecodeError:
+                    meta[k] = v  # kept verbatim; a `config` that is not JSON is refused by infer_config
+            container = "sft"
+        elif suffix in (".pth", ".pt"):
+            tensors, meta = read_pth(path)
+            container = "pth"
+        else:
+            raise CheckpointError(f"{path}: not a checkpoint (expected a .sft/.safetensors or .pth/.pt file)")
+    except OSError as e:  # unreadable (permissions, I/O error)
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     renamed = {}
     for k, v in tensors.items():
         for old, new in STATE_PREFIX_RENAMES:
@@ -237,7 +286,45 @@ def read_reference(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, A
 # config inference (spec 7.6)
 
 
-def infer_config(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: Path, heads: int | None = None) -> ModelConfig:
+IGNORE_METADATA_CONFIG_FLAG = "--ignore-metadata-config"
+
+
+def metadata_config(meta: dict[str, Any], src: str, ignore: bool = False) -> dict | None:
+    """The file's `config` metadata as a mapping, None when absent (or ignored on request).
+
+    A `config` that is present but not a JSON object is refused: reading flags from it is impossible, and
+    falling back to defaults would import a different model (sums off, causal_size 1 ...) without a word.
+    So is one whose flags that change the computation have the wrong type ("causal_size": "4").
+    """
+    if ignore or "config" not in meta:
+        return None
+    value = meta["config"]
+    way_on = (f"repair the file, or pass {IGNORE_METADATA_CONFIG_FLAG} and give the flags with --config X.yaml or "
+              "key=value overrides (e.g. experimental.audio_embedding_sums=true experimental.causal_size=4)")  # fmt: skip
+    if not isinstance(value, dict):
+        shown = value if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise CheckpointError(f"{src}: metadata 'config' is not a JSON object ({shown!r}), so the model's flags "
+                              f"cannot be read from it; {way_on}")  # fmt: skip
+    exp = {} if value.get("experimental") is None else value["experimental"]
+    if not isinstance(exp, dict):
+        raise CheckpointError(f"{src}: metadata 'config': experimental = {exp!r}: expected a mapping; {way_on}")
+    checks = [("audio_embedding_sums", value[k], bool) for k in ("audio_embedding_sums",) if k in value]  # legacy place
+    checks += [(f"experimental.{k}", exp[k], bool) for k in _BOOL_FLAGS if k in exp]
+    checks += [(f"experimental.{k}", exp[k], int) for k in _INT_FLAGS if k in exp]
+    for name, v, kind in checks:
+        if not (isinstance(v, bool) if kind is bool else isinstance(v, int) and not isinstance(v, bool)):
+            want = "true or false" if kind is bool else "a whole number"
+            raise CheckpointError(f"{src}: metadata 'config': {name} = {v!r}: expected {want}; {way_on}")
+    return value
+
+
+# The flags that change what the model computes (the rest are shapes, read from the keys, or unused here).
+_BOOL_FLAGS = ("audio_embedding_sums", "split_classifiers", "unified_position_ids")
+_INT_FLAGS = ("causal_size", "kv_heads")
+
+
+def infer_config(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: Path, heads: int | None = None,
+                 ignore_metadata_config: bool = False) -> ModelConfig:  # fmt: skip
     """A new config: shapes and the backbone from the keys, flags from the metadata `config`, heads from the caller,
     then our own export's `userdata`, then dim / 64 (every release)."""
     src = str(path)
@@ -245,9 +332,11 @@ def infer_config(tensors: dict[str, np.ndarray], meta: dict[str, Any], path: Pat
         raise CheckpointError(f"{src}: missing key 'text_emb.weight' (not a VALL-E checkpoint?)")
     if any(re.match(r"(proms|resps)_emb\.weight\.\d+$", k) for k in tensors):
         raise CheckpointError(f"{src}: version 4 checkpoint (per-level scalar weights 'proms_emb.weight.N'); unsupported")
-    meta_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    meta_cfg = metadata_config(meta, src, ignore_metadata_config)
     if meta_cfg is None:
-        warnings.warn(f"{src}: no 'config' metadata; flags fall back to the release settings (spec 1.7)", stacklevel=2)
+        why = "its 'config' metadata is ignored as asked" if ignore_metadata_config else "no 'config' metadata"
+        warnings.warn(f"{src}: {why}; flags not given by --config or overrides fall back to the release "
+                      "settings (spec 1.7)", stacklevel=2)  # fmt: skip
     meta_arch = (meta_cfg or {}).get("arch_type")
     if meta_arch is not None and meta_arch not in backbones.names():
         raise CheckpointError(f"{src}: unsupported arch_type {meta_arch!r} in metadata (supported: {', '.join(backbones.names())})")
@@ -373,19 +462,28 @@ def params_to_state(params: dict, key_order: list[str] | None = None, dtype: Any
 
 
 def load_reference(path: str | Path, overrides: list[str] | dict | None = None, config: str | Path | None = None,
-                   heads: int | None = None) -> tuple[ModelConfig, dict, dict]:  # fmt: skip
-    """Read a reference .sft/.pth -> (config, params in the file's dtypes, reference metadata for export)."""
+                   heads: int | None = None, ignore_metadata_config: bool = False) -> tuple[ModelConfig, dict, dict]:  # fmt: skip
+    """Read a reference .sft/.pth -> (config, params in the file's dtypes, reference metadata for export).
+
+    `ignore_metadata_config`: do not read flags from the file's `config` metadata (for a file whose metadata
+    is damaged); they come from `config` / `overrides`, else the release settings.
+    """
     path = Path(path)
-    tensors, meta, container = read_reference(path)
     overrides = dict(overrides) if isinstance(overrides, dict) else dict(parse_assignment(a) for a in overrides or [])
-    heads = heads or overrides.pop("heads", None)
-    cfg = infer_config(tensors, meta, path, heads)
+    heads = heads if heads is not None else overrides.pop("heads", None)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise CheckpointError(f"{path}: heads = {heads!r}: expected a whole number >= 1")
+    tensors, meta, container = read_reference(path)
+    cfg = infer_config(tensors, meta, path, heads, ignore_metadata_config)
     if config is not None:
         yaml_cfg = load_yaml(config).to_dict()
         base = cfg.to_dict()
         for key in ("dim", "layers", "ffn", "resp_levels", "text_tokens", "tasks", "langs", "tones", "embed_tokens", "dropout_token"):
             yaml_cfg[key] = base[key]  # shapes always come from the checkpoint
-        yaml_cfg["experimental"]["split_classifiers"] = base["experimental"]["split_classifiers"]
+        for key in ("split_classifiers", "kv_heads"):
+            yaml_cfg["experimental"][key] = base["experimental"][key]
+        if heads is not None or yaml_cfg.get("heads") is None:  # --heads wins; a YAML `size` preset does not
+            yaml_cfg["heads"] = base["heads"]
         try:
             cfg = ModelConfig.from_dict(yaml_cfg)
         except ConfigError as e:
@@ -402,7 +500,7 @@ def load_reference(path: str | Path, overrides: list[str] | dict | None = None, 
 
 
 def load_any(path: str | Path, heads: int | None = None, overrides: list[str] | dict | None = None,
-             dtype: Any = np.float32) -> tuple[ModelConfig, dict]:  # fmt: skip
+             dtype: Any = np.float32, ignore_metadata_config: bool = False) -> tuple[ModelConfig, dict]:  # fmt: skip
     """A reference .sft/.pth or a valle_jax model directory -> (config, params cast to `dtype`)."""
     path = Path(path)
     if path.is_dir():
@@ -412,7 +510,7 @@ def load_any(path: str | Path, heads: int | None = None, overrides: list[str] | 
         if overrides:
             cfg = cfg.override(overrides)
     else:
-        cfg, params, _ = load_reference(path, overrides, heads=heads)
+        cfg, params, _ = load_reference(path, overrides, heads=heads, ignore_metadata_config=ignore_metadata_config)
     from valle_jax.checkpoint import cast_tree
 
     return cfg, cast_tree(params, dtype)
@@ -430,8 +528,32 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         return json.loads(f.read(n)).get("__metadata__", {}) or {}
 
 
-def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
-    """Model directory -> reference .sft or .pth, with the keys, shapes and metadata the reference loads."""
+def check_destination(dst: str | Path, force: bool, is_dir: bool) -> None:
+    """Refuse, before any work, a destination that exists (unless `force`), has the wrong kind (file or
+    directory), or cannot be created (a parent that is a file, a folder without write permission)."""
+    dst = Path(dst)
+    want = "a model directory" if is_dir else "a file"
+    if dst.exists() or dst.is_symlink():
+        if dst.is_dir() != is_dir:
+            raise CheckpointError(f"{dst}: exists and is {'a directory' if dst.is_dir() else 'a file'}, not {want}")
+        if not force:
+            raise CheckpointError(f"{dst}: already exists (use --force to replace it)")
+        from valle_jax.checkpoint import CONFIG_FILE
+
+        if is_dir and any(dst.iterdir()) and not (dst / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{dst}: exists and is not a valle_jax model directory; not replacing it, even with --force")
+    parent = dst.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{dst}: cannot be written: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{dst}: cannot be written: no write permission in {parent}")
+
+
+def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False) -> Path:
+    """Model directory -> reference .sft or .pth, with the keys, shapes and metadata the reference loads.
+    An existing `dst` is refused unless `force`; the file appears whole or not at all."""
     from valle_jax.checkpoint import load_model_dir
 
     dst = Path(dst)
@@ -440,9 +562,16 @@ def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = N
         raise CheckpointError(f"{dst}: unknown output container (expected .sft or .pth)")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    cfg, params, reference = load_model_dir(src_dir)
+    check_destination(dst, force, is_dir=False)
+    try:
+        cfg, params, reference = load_model_dir(src_dir)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # orbax on a damaged params/ folder, unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{src_dir}: not a readable valle_jax model directory ({first})") from None
     state = params_to_state(params, reference.get("keys"), DTYPES[dtype] if dtype else None)
-    metadata = dict(reference.get("metadata") or {})
+    metadata = _usable_config(dict(reference.get("metadata") or {}), cfg, reference.get("container"), src_dir)
     same_container = reference.get("container") == container
     if container == "sft":
         if not (same_container and metadata):
@@ -453,6 +582,25 @@ def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = N
             metadata = _default_metadata(cfg, metadata)
         write_pth(dst, state, metadata)
     return dst
+
+
+def _usable_config(metadata: dict, cfg: ModelConfig, container: str | None, src: str | Path) -> dict:
+    """The imported file's metadata, kept verbatim unless its `config` was not a JSON object (imported with
+    --ignore-metadata-config): that one is replaced by the flags the model was given, so the export loads."""
+    if "config" not in metadata:
+        return metadata
+    value = metadata["config"]
+    if container == "sft" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(value, dict):
+        return metadata
+    warnings.warn(f"{src}: the imported 'config' metadata was not a JSON object; the export writes this model's "
+                  "config instead", stacklevel=3)  # fmt: skip
+    flags = cfg.reference_dict()
+    return dict(metadata, config=json.dumps(flags) if container == "sft" else flags)
 
 
 def _default_metadata(cfg: ModelConfig, previous: dict) -> dict:
@@ -469,6 +617,19 @@ def _default_metadata(cfg: ModelConfig, previous: dict) -> dict:
             "config": decoded.get("config", cfg.reference_dict())}  # fmt: skip
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _drop_closed_loop_noise(unraisable) -> None:
+    """After orbax fails to restore a damaged folder, tensorstore callbacks still post to its closed asyncio
+    loop; each prints an "Event loop is closed" traceback under the one-line error. Those alone are dropped."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m valle_jax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -478,28 +639,48 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--config", help="YAML whose flags override the checkpoint's metadata (shapes still from keys)")
     imp.add_argument("--heads", type=int, help="attention heads (cannot be read from weights; default dim/64)")
     imp.add_argument("--force", action="store_true", help="replace DST if it exists")
+    imp.add_argument(IGNORE_METADATA_CONFIG_FLAG, action="store_true",
+                     help="do not read the model's flags from the file's `config` metadata (a file whose metadata is "
+                          "damaged is refused otherwise); give them with --config / key=value overrides, else "
+                          "the release settings apply")  # fmt: skip
     imp.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. experimental.audio_embedding_sums=true")
     exp = sub.add_parser("export", help="valle_jax model directory -> reference .sft/.pth")
     exp.add_argument("src")
     exp.add_argument("dst")
     exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as imported / as stored)")
+    exp.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
-    try:
-        if args.cmd == "import":
-            from valle_jax.checkpoint import save_model_dir
+    from absl import logging as absl_logging
 
-            cfg, params, reference = load_reference(args.src, args.overrides, args.config, args.heads)
-            out = save_model_dir(args.dst, cfg, params, reference, force=args.force)
-            n = sum(int(np.prod(np.shape(a))) for a in _flatten(params).values())
-            print(f"imported {args.src} -> {out}: {cfg.arch_type} v{cfg.version}, {cfg.n_layers} layers, dim {cfg.d_model}, "
-                  f"{cfg.n_heads} heads, {cfg.resp_levels} levels, {n:,} parameters")  # fmt: skip
-        else:
-            out = export_reference(args.src, args.dst, args.dtype)
-            print(f"exported {args.src} -> {out}")
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's warnings would bury the one-line error
+    sys.unraisablehook = _drop_closed_loop_noise  # for the rest of the process: the noise comes at exit too
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            if args.cmd == "import":
+                from valle_jax.checkpoint import save_model_dir
+
+                check_destination(args.dst, args.force, is_dir=True)
+                cfg, params, reference = load_reference(args.src, args.overrides, args.config, args.heads,
+                                                        ignore_metadata_config=args.ignore_metadata_config)  # fmt: skip
+                out = save_model_dir(args.dst, cfg, params, reference, force=args.force)
+                n = sum(int(np.prod(np.shape(a))) for a in _flatten(params).values())
+                print(f"imported {args.src} -> {out}: {cfg.arch_type} v{cfg.version}, {cfg.n_layers} layers, dim {cfg.d_model}, "
+                      f"{cfg.n_heads} heads, {cfg.resp_levels} levels, {n:,} parameters")  # fmt: skip
+            else:
+                out = export_reference(args.src, args.dst, args.dtype, force=args.force)
+                print(f"exported {args.src} -> {out}")
     except (CheckpointError, ConfigError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing failed half-way (disk full, I/O error): the writers removed their temporaries
+        print(f"error: {args.dst}: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ class Synthesizer:
     def prompt_codes(self, item: Mapping[str, Any]) -> np.ndarray:
         """[frames, levels] prompt codes from a codes file or audio files (each encoded alone, spec 6.5), trimmed
         to `settings.prompt_seconds` and `max_prompt_frames`."""
-        from valle_jax.codec import AudioFileError, CodecFileError, read_audio, read_codes
+        from valle_jax.codec import ENCODE_MARGIN_SECONDS, AudioFileError, CodecFileError, read_audio, read_codes
 
         if "codes" in item:
             try:
@@ -287,9 +287,12 @@ class Synthesizer:
             if self.codec is None:
                 raise ItemError("prompt audio needs a codec; give 'codes' instead")
             waves = []
+            # only what is kept is read (and a little more, so the kept codes are those of the whole file);
+            # stereo prompts: the first channel, as the reference (spec 8.3)
+            keep = self.settings.prompt_seconds + ENCODE_MARGIN_SECONDS if self.settings.prompt_seconds > 0 else None
             for p in paths:
                 try:
-                    wav, sr = read_audio(p)
+                    wav, sr = read_audio(p, mix="first", seconds=keep)
                 except (FileNotFoundError, AudioFileError, OSError, ValueError) as e:
                     raise ItemError(f"prompt {p}: {e}") from None
                 if not np.isfinite(wav).all() or float(np.sqrt(np.mean(np.square(wav)))) < SILENCE_RMS:

@@ -253,7 +253,7 @@ def export_model(cfg: Config, params_host: dict, reference: dict, run_dir: Path)
 
     model_dir = save_model_dir(run_dir / "model", cfg.model, params_host, reference, force=True)
     suffix = ".pth" if reference.get("container") == "pth" else ".sft"
-    return export_reference(model_dir, run_dir / f"model{suffix}", dtype=cfg.train.export_dtype)
+    return export_reference(model_dir, run_dir / f"model{suffix}", dtype=cfg.train.export_dtype, force=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

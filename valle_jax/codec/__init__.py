@@ -7,6 +7,7 @@ imports neither torch nor jax).  See `client.CodecClient`.
     from valle_jax.codec import CodecClient, read_audio, write_wav, read_codes, write_codes
 
     wav, sr = read_audio("prompt.flac")                      # soundfile -> float32 mono
+    head, sr = read_audio("long.flac", seconds=3.1)          # only the first 3.1 s is decoded
     with CodecClient("encodec") as codec:                     # weights from $TORCH_HOME/hub/checkpoints
         [codes] = codec.encode([wav], sr)                     # np.int16 [T, 8]
         [audio] = codec.decode([codes])                       # np.float32 [T * 320] at 24 kHz
@@ -26,7 +27,7 @@ Install (torch must stay the CPU build 2.13.0, so pin it in every command that c
     pip install --no-deps descript-audio-codec==1.0.0 descript-audiotools==0.7.2
 """
 
-from .audio import AudioFileError, read_audio, to_mono, write_wav
+from .audio import ENCODE_MARGIN_SECONDS, AudioFileError, read_audio, to_mono, write_wav
 from .client import (
     CODEC_SPECS,
     CodecClient,
@@ -56,6 +57,7 @@ __all__ = [
     "CodecKind",
     "CodecSpec",
     "CodecTimeoutError",
+    "ENCODE_MARGIN_SECONDS",
     "MissingWeightsError",
     "SILENCE_CODES",
     "WeightsChecksumError",

@@ -314,16 +314,22 @@ def build_dac(weights_path: str | None, random_seed: int | None):
 def load_dac_checkpoint(dac_class, path: str):
     """A DAC weights file as descript-audio-codec's releases ship it (audiotools' plain save):
     {"state_dict": ..., "metadata": {"kwargs": constructor arguments, ...}}.  Loaded strictly, so a file of
-    another model fails naming the keys."""
+    another model fails naming the keys.
+
+    Only tensors and plain containers are unpickled (`weights_only=True`): the published 0.0.1 file pickles
+    nothing else (OrderedDict, FloatStorage, _rebuild_tensor_v2), and a file that needs more is refused
+    rather than allowed to run code."""
     import inspect
     import pickle
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # The file pickles more than tensors and plain containers (older audiotools metadata).  It is the
-        # file the user named as DAC weights, which descript's own loader opens the same way.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: not loadable as DAC weights without running pickled code ({first}); the published DAC "
+            "file holds only tensors and plain values: download it again"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a DAC weights file (expected a dict with 'state_dict' and 'metadata')")
     kwargs = dict((checkpoint.get("metadata") or {}).get("kwargs") or {})

@@ -1,12 +1,19 @@
 """Audio file I/O with soundfile (libsndfile): no torch, no torchaudio, no torchcodec.
 
 `read_audio` reads anything libsndfile reads (wav, flac, ogg/vorbis, mp3 with libsndfile >= 1.1, ...) to
-float32 mono; `write_wav` writes a wav atomically (temporary name in the same folder, then rename).
-Resampling to a codec's rate happens inside the codec sidecar, as the reference does it.
+float32 mono, the whole file or only its first `seconds`; `write_wav` writes a wav atomically (temporary name
+in the same folder, then rename). Resampling to a codec's rate happens inside the codec sidecar, as the
+reference does it.
+
+Prompts: the reference encodes a prompt file whole and keeps the first `prompt_seconds` of codes. Reading
+only `prompt_seconds + ENCODE_MARGIN_SECONDS` gives EnCodec (and so Vocos) the same first codes (its encoder
+is causal; the margin covers the resampler's few samples of look-ahead) at a cost that does not grow with the
+file. DAC normalises the loudness of what it is given, so its codes of a head differ from those of the whole.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -14,7 +21,9 @@ import numpy as np
 
 from valle_jax.fileio import atomic_write
 
-__all__ = ["AudioFileError", "read_audio", "write_wav", "to_mono"]
+__all__ = ["AudioFileError", "ENCODE_MARGIN_SECONDS", "read_audio", "write_wav", "to_mono"]
+
+ENCODE_MARGIN_SECONDS = 0.1  # audio read past what is kept, so the kept codes are those of the whole file
 
 
 class AudioFileError(ValueError):
@@ -39,20 +48,27 @@ def to_mono(wav: np.ndarray, mix: str = "mean") -> np.ndarray:
     raise ValueError(f"mix must be 'mean' or 'first', got {mix!r}")
 
 
-def read_audio(path: os.PathLike | str, mix: str = "mean") -> tuple[np.ndarray, int]:
-    """Read an audio file to (float32 mono waveform [n] in [-1, 1], sample_rate)."""
+def read_audio(path: os.PathLike | str, mix: str = "mean", seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Read an audio file to (float32 mono waveform [n] in [-1, 1], sample_rate).
+
+    `seconds` > 0 reads only the first ceil(seconds * rate) frames (all of a shorter file): the rest of the
+    file is never decoded, so memory and time do not grow with its length. None or <= 0 reads it all.
+    """
     import soundfile as sf
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr = int(f.samplerate)
+            frames = math.ceil(seconds * sr) if seconds is not None and seconds > 0 else -1
+            wav = f.read(frames, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile.LibsndfileError, RuntimeError, TypeError on odd inputs
         raise AudioFileError(f"{path}: soundfile cannot read it ({e})") from None
     if wav.shape[0] == 0:
         raise AudioFileError(f"{path}: holds no samples")
-    return to_mono(wav, mix), int(sr)
+    return to_mono(wav, mix), sr
 
 
 def write_wav(

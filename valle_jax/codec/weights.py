@@ -12,6 +12,12 @@ Vocos            a folder with `config.yaml` + `pytorch_model.bin` of `charactr/
                  `~/.cache/huggingface/hub`), plus the EnCodec file above (`encodec_weights=` to override).
 DAC 44 kHz       `~/.cache/descript/dac/weights_44khz_8kbps_0.0.1.pth` (descript-audio-codec's cache), or
                  `weights=FILE`.
+
+Every weights file found is checked against the sha256 of the published file (`PUBLISHED`), whatever its name
+or folder: a damaged download or another model's weights would otherwise give wrong codes or audio without a
+word.  A mismatch is `WeightsChecksumError` naming the file, the expected and the actual digest.  Weights of
+your own (a fine-tuned codec, the random stand-ins of the tests) need the check turned off explicitly:
+`verify=False` here, or the environment variable VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS=1.
 """
 
 from __future__ import annotations
@@ -34,16 +40,56 @@ __all__ = [
     "resolve_encodec",
     "resolve_vocos",
     "resolve_dac",
-    "verify_sha256_prefix",
+    "PUBLISHED",
+    "UNVERIFIED_WEIGHTS_ENV",
+    "sha256_of",
+    "verify_published",
 ]
 
 ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"
-ENCODEC_SHA256_PREFIX = "d7cc33bc"
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CHECKPOINT
 VOCOS_REPO = "charactr/vocos-encodec-24khz"
 VOCOS_FILES = ("config.yaml", "pytorch_model.bin")
 DAC_CHECKPOINT = "weights_44khz_8kbps_0.0.1.pth"
 DAC_URL = "https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.1/weights.pth"
+UNVERIFIED_WEIGHTS_ENV = "VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS"
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """A codec weights file as its authors publish it: the sha256 accepted, and where that digest is stated."""
+
+    what: str
+    sha256: str
+    source: str
+    superseded: tuple[str, ...] = ()  # digests of earlier published revisions (refused, with a specific hint)
+
+
+PUBLISHED = {
+    # The file name carries the digest's first 8 hex digits (torch hub's check_hash convention); the whole
+    # digest is the one pinned by projects that verify this download, and begins with those digits.
+    "encodec": PublishedFile(
+        f"EnCodec 24 kHz weights {ENCODEC_CHECKPOINT}",
+        "d7cc33bcf1aad7f2dad9836f36431530744abeace3ca033005e3290ed4fa47bf",
+        ENCODEC_URL,
+    ),
+    # Git LFS pointer of pytorch_model.bin at revision 4e61d08 ("Update model weights", October 2023), what
+    # `Vocos.from_pretrained` has fetched since and what the reference decodes with.  The first upload
+    # (79e727a, June 2023) differs.
+    "vocos": PublishedFile(
+        f"Vocos {VOCOS_REPO} pytorch_model.bin",
+        "7e95bb260b74a1bfc43c52d355831c951acb81c8960e9c62b79bd2b3ab1e3a90",
+        f"https://huggingface.co/{VOCOS_REPO}/blob/main/pytorch_model.bin",
+        superseded=("258052d0ff62159a04ce32ba417e980476ca1b01451e9907204f4fa5fbac4f00",),
+    ),
+    # The 0.0.1 release asset (306,717,287 bytes); descript's own Hugging Face upload of it
+    # (descript/descript-audio-codec weights.pth) has the same Git LFS digest.
+    "dac": PublishedFile(
+        f"DAC 44 kHz 8 kbps weights 0.0.1 ({DAC_CHECKPOINT})",
+        "a88eed82a7024ccc1facdb1e605c4c2f99281c8118c22c9895ffa846d8fb61aa",
+        DAC_URL,
+    ),
+}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -56,7 +102,7 @@ class MissingWeightsError(FileNotFoundError):
 
 
 class WeightsChecksumError(ValueError):
-    """A weights file whose content does not match the checksum its name promises."""
+    """A weights file whose content is not the published file's (sha256 differs)."""
 
 
 def torch_hub_dir() -> Path:
@@ -78,25 +124,49 @@ def hf_hub_cache() -> Path:
     return Path(os.path.expanduser(hf_home)) / "hub"
 
 
-def verify_sha256_prefix(path: Path, prefix: str) -> None:
-    """Raise WeightsChecksumError unless sha256(file) starts with `prefix` (torch hub's file-name convention)."""
+def sha256_of(path: os.PathLike | str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    digest = h.hexdigest()
-    if not digest.startswith(prefix):
-        raise WeightsChecksumError(
-            f"{path}: sha256 {digest[:16]}... does not start with {prefix}, the checksum in its name; "
-            "the file is damaged or not the one expected (download it again)"
-        )
+    return h.hexdigest()
 
 
-def resolve_encodec(weights: os.PathLike | str | None) -> Path:
-    """The EnCodec 24 kHz checkpoint: `weights` (file, or folder holding the canonical file) or the hub cache.
+def _verification_on(verify: bool | None) -> bool:
+    """`verify` when given; otherwise on unless VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS=1."""
+    if verify is not None:
+        return bool(verify)
+    value = os.environ.get(UNVERIFIED_WEIGHTS_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return True
+    if value in ("1", "true", "yes"):
+        return False
+    raise ValueError(f"{UNVERIFIED_WEIGHTS_ENV}={value!r}: expected 1 (skip the weights checksum) or 0")
 
-    The hub-cache file and a folder's canonical file are checked against the sha256 prefix in their name.
+
+def verify_published(path: Path, kind: str, verify: bool | None = None) -> None:
+    """Raise WeightsChecksumError unless `path` is the published weights file of codec `kind`.
+
+    `verify=False` (or VALLE_JAX_UNVERIFIED_CODEC_WEIGHTS=1 when `verify` is None) skips the check.
     """
+    if not _verification_on(verify):
+        return
+    published = PUBLISHED[kind]
+    digest = sha256_of(path)
+    if digest == published.sha256:
+        return
+    why = ("an earlier revision of the published file, not the one the reference uses"
+           if digest in published.superseded else "the file is damaged or incomplete, or other weights")  # fmt: skip
+    raise WeightsChecksumError(
+        f"{path}: sha256 {digest} is not that of the published {published.what}: expected {published.sha256} "
+        f"({published.source}); {why}. Download it again, or, for weights of your own, turn the check off with "
+        f"{UNVERIFIED_WEIGHTS_ENV}=1"
+    )
+
+
+def resolve_encodec(weights: os.PathLike | str | None, verify: bool | None = None) -> Path:
+    """The EnCodec 24 kHz checkpoint: `weights` (file, or folder holding the canonical file) or the hub cache,
+    checked against the published sha256 (see `verify_published`)."""
     hint = (
         f"Download {ENCODEC_URL} and put it at that path (the torch hub cache: set TORCH_HOME to move it), "
         "or pass weights=/path/to/encodec_24khz-d7cc33bc.th. Random weights only with random_seed=N (tests)."
@@ -109,8 +179,7 @@ def resolve_encodec(weights: os.PathLike | str | None) -> Path:
             path = path / ENCODEC_CHECKPOINT
     if not path.is_file():
         raise MissingWeightsError("EnCodec 24 kHz weights", path, hint)
-    if path.name == ENCODEC_CHECKPOINT:
-        verify_sha256_prefix(path, ENCODEC_SHA256_PREFIX)
+    verify_published(path, "encodec", verify)
     return path
 
 
@@ -136,8 +205,9 @@ def _hf_snapshot(repo: str) -> Path | None:
     return None
 
 
-def resolve_vocos(weights: os.PathLike | str | None) -> VocosFiles:
-    """config.yaml + pytorch_model.bin of charactr/vocos-encodec-24khz, from `weights` (a folder) or the HF cache."""
+def resolve_vocos(weights: os.PathLike | str | None, verify: bool | None = None) -> VocosFiles:
+    """config.yaml + pytorch_model.bin of charactr/vocos-encodec-24khz, from `weights` (a folder) or the HF cache;
+    pytorch_model.bin checked against the published sha256 (see `verify_published`)."""
     hint = (
         f"Get config.yaml and pytorch_model.bin of the Hugging Face model {VOCOS_REPO} "
         f"(https://huggingface.co/{VOCOS_REPO}) into one folder and pass weights=FOLDER, or have them in the "
@@ -155,11 +225,13 @@ def resolve_vocos(weights: os.PathLike | str | None) -> VocosFiles:
     for name in VOCOS_FILES:
         if not (folder / name).is_file():
             raise MissingWeightsError("Vocos weights", folder / name, hint)
+    verify_published(folder / VOCOS_FILES[1], "vocos", verify)
     return VocosFiles(config=folder / VOCOS_FILES[0], model=folder / VOCOS_FILES[1])
 
 
-def resolve_dac(weights: os.PathLike | str | None) -> Path:
-    """The DAC 44 kHz 8 kbps checkpoint: `weights` (file or folder holding the canonical file) or dac's cache."""
+def resolve_dac(weights: os.PathLike | str | None, verify: bool | None = None) -> Path:
+    """The DAC 44 kHz 8 kbps checkpoint: `weights` (file or folder holding the canonical file) or dac's cache,
+    checked against the published sha256 (see `verify_published`)."""
     hint = (
         f"Download {DAC_URL} and save it as that file (descript-audio-codec's cache), "
         "or pass weights=/path/to/weights.pth. Random weights only with random_seed=N (tests)."
@@ -172,4 +244,5 @@ def resolve_dac(weights: os.PathLike | str | None) -> Path:
             path = path / DAC_CHECKPOINT
     if not path.is_file():
         raise MissingWeightsError("DAC 44 kHz weights", path, hint)
+    verify_published(path, "dac", verify)
     return path
