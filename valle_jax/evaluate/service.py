@@ -116,7 +116,7 @@ class EvalService:
             from .wavlm_ecapa import WavlmEcapaModel
 
             self.sim = WavlmEcapaModel(sim, config["device"])
-        self.torch_version = torch.__version__
+        self.torch_version = str(torch.__version__)  # a TorchVersion would import torch in the parent to unpickle
 
     def info(self) -> dict[str, Any]:
         return {"asr": self.asr.details if self.asr else None, "sim": self.sim.details if self.sim else None,

@@ -8,6 +8,7 @@ they are compared, so that spelling conventions do not count as errors:
    capitalised name only), vs -> versus, etc -> et cetera; `&` -> and, `%` -> percent, `$N` -> N dollars,
    `£N` -> N pounds, `€N` -> N euros.
 3. Numbers spelled out: thousands separators dropped ("1,000" -> 1000); ordinals ("21st" -> twenty first);
+   plurals ("1980s" -> nineteen eighties);
    decimals ("3.5" -> three point five); four-digit numbers 1100-1999 and 2010-2099 read as years
    ("1995" -> nineteen ninety five, "2024" -> twenty twenty four); every other integer read in full
    ("2005" -> two thousand five, "110" -> one hundred ten, no "and").
@@ -80,6 +81,10 @@ def ordinal_words(n: int) -> str:
     return " ".join(words)
 
 
+def _plural(words: str) -> str:
+    return words[:-1] + "ies" if words.endswith("y") else words + "s"
+
+
 def _integer_words(digits: str) -> str:
     n = int(digits)
     if len(digits) == 4 and (1100 <= n <= 1999 or 2010 <= n <= 2099):
@@ -96,6 +101,7 @@ def _spell_numbers(text: str) -> str:
     text = re.sub(r"€(\d+(?:\.\d+)?)", r"\1 euros", text)
     text = re.sub(r"(\d)\s*%", r"\1 percent", text)
     text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: " " + ordinal_words(int(m.group(1))) + " ", text)
+    text = re.sub(r"\b(\d+)'?s\b", lambda m: " " + _plural(_integer_words(m.group(1))) + " ", text)  # the 1980s
     text = re.sub(
         r"(\d+)\.(\d+)",
         lambda m: f" {_integer_words(m.group(1))} point {' '.join(_ONES[int(d)] for d in m.group(2))} ",
