@@ -459,3 +459,118 @@ def test_prepare_audio_on_real_speech(tmp_path):
         samples = sf.info(str(path)).frames
         assert r["codes"].shape == (math.ceil(math.ceil(samples * 24000 / 16000) / 320), 8)
         assert len(np.unique(r["codes"][:, 0])) > 10
+
+
+# --------------------------------------------------------------------------------------- WavLM + ECAPA (the reference's)
+
+
+def wavlm_ecapa_file(path: Path, layers: int = 2, dim: int = 64, heads: int = 4, ffn: int = 128, conv: int = 32,
+                     channels: int = 64, emb: int = 32, seed: int = 0) -> Path:  # fmt: skip
+    """A RANDOMLY INITIALISED model saved in the format of UniSpeech's wavlm_large_finetune.pth (the reference's
+    SIM-O weights, not to be had offline): {"model": state_dict} with the file's tensor names, written out here
+    by hand from the modules that make it (s3prl's WavLM upstream under feature_extract.model., the ECAPA-TDNN,
+    the loss's projection).  Smaller than WavLM-large (dim 1024, 24 layers, 16 heads) but named the same."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(prefix, n, running=False):
+        sd[prefix + "weight"], sd[prefix + "bias"] = 1 + rnd(n), rnd(n)
+        if running:  # BatchNorm1d buffers
+            sd[prefix + "running_mean"], sd[prefix + "running_var"] = rnd(n), 1 + rnd(n).abs()
+            sd[prefix + "num_batches_tracked"] = torch.tensor(100)
+
+    def linear(prefix, out, inp, *kernel):
+        sd[prefix + "weight"] = rnd(out, inp, *kernel, scale=(inp * (kernel[0] if kernel else 1)) ** -0.5)
+        sd[prefix + "bias"] = rnd(out)
+
+    sd: dict = {}
+    w = "feature_extract.model."
+    sd[w + "mask_emb"] = rnd(dim)
+    for i, k in enumerate((10, 3, 3, 3, 3, 2, 2)):  # conv front end, no bias, layer norm in every layer
+        sd[f"{w}feature_extractor.conv_layers.{i}.0.weight"] = rnd(conv, 1 if i == 0 else conv, k, scale=0.3)
+        norm(f"{w}feature_extractor.conv_layers.{i}.2.1.", conv)
+    norm(w + "layer_norm.", conv)
+    linear(w + "post_extract_proj.", dim, conv)
+    sd[w + "encoder.pos_conv.0.weight_g"] = 0.5 + rnd(1, 1, 16).abs()
+    sd[w + "encoder.pos_conv.0.weight_v"] = rnd(dim, dim // 4, 16)
+    sd[w + "encoder.pos_conv.0.bias"] = rnd(dim)
+    norm(w + "encoder.layer_norm.", dim)
+    for i in range(layers):
+        p = f"{w}encoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{p}self_attn.{name}.", dim, dim)
+        linear(p + "self_attn.grep_linear.", 8, dim // heads)
+        sd[p + "self_attn.grep_a"] = torch.ones(1, heads, 1, 1)
+        if i == 0:
+            sd[p + "self_attn.relative_attention_bias.weight"] = rnd(320, heads)
+        norm(p + "self_attn_layer_norm.", dim)
+        linear(p + "fc1.", ffn, dim)
+        linear(p + "fc2.", dim, ffn)
+        norm(p + "final_layer_norm.", dim)
+    sd["feature_weight"] = rnd(layers + 1)
+    linear("layer1.conv.", channels, dim, 5)
+    norm("layer1.bn.", channels, running=True)
+    for n in (2, 3, 4):
+        p = f"layer{n}."
+        for part in ("Conv1dReluBn1.", "Conv1dReluBn2."):
+            linear(p + part + "conv.", channels, channels, 1)
+            norm(p + part + "bn.", channels, running=True)
+        for j in range(7):  # Res2Net scale 8: 7 convolved groups
+            linear(f"{p}Res2Conv1dReluBn.convs.{j}.", channels // 8, channels // 8, 3)
+            norm(f"{p}Res2Conv1dReluBn.bns.{j}.", channels // 8, running=True)
+        linear(p + "SE_Connect.linear1.", 128, channels)
+        linear(p + "SE_Connect.linear2.", channels, 128)
+    linear("conv.", 1536, channels * 3, 1)
+    linear("pooling.linear1.", 128, 1536, 1)
+    linear("pooling.linear2.", 1536, 128, 1)
+    norm("bn.", 3072, running=True)
+    linear("linear.", emb, 3072)
+    sd["loss_calculator.projection.weight"] = rnd(10, emb)
+    torch.save({"model": sd}, path)
+    return path
+
+
+def test_wavlm_ecapa_file_loads_and_embeds(tmp_path):
+    """The reference's speaker model through the real loading code, on a random model in the real file format."""
+    weights = wavlm_ecapa_file(tmp_path / "wavlm_large_finetune.pth")
+    clips = librivox()
+    robot = espeak_wav(clips[0][2], tmp_path / "robot.wav")
+    settings = EvalSettings(asr=False, sim_model="wavlm-ecapa", sim_weights=str(weights), progress=False)
+    with Evaluator(settings) as ev:
+        info = ev.models["sim"]
+        waves = [sf.read(p, dtype="float32") for p in (clips[0][1], clips[1][1], robot)]
+        first = ev.embed(waves)
+        again = ev.embed(waves[:1])
+        resampled = ev.embed([(waves[0][0][::2].copy(), 8000)])
+    assert info["layers"] == 2 and info["hidden_size"] == 64 and info["embedding"] == 32
+    assert info["sha256"] and info["path"] == str(weights.resolve())
+    assert all(e.shape == (32,) and abs(np.linalg.norm(e) - 1) < 1e-4 for e in first)
+    np.testing.assert_allclose(again[0], first[0], atol=1e-5)  # deterministic (eval mode, no dropout)
+    assert not np.allclose(first[0], first[1], atol=1e-3) and not np.allclose(first[0], first[2], atol=1e-3)
+    assert float(resampled[0] @ first[0]) > 0.9  # the same speech at 8 kHz is resampled to 16 kHz
+
+
+def test_wavlm_ecapa_refuses_wrong_files(tmp_path):
+    import torch
+
+    from valle_jax.evaluate.wavlm_ecapa import WavlmEcapa, load_checkpoint
+
+    path = wavlm_ecapa_file(tmp_path / "w.pth", layers=1)
+    sd = load_checkpoint(str(path))
+    WavlmEcapa(dict(sd))  # loads
+    extra = {**sd, "feature_extract.model.encoder.layers.0.self_attn.mystery": torch.zeros(1)}
+    with pytest.raises(ValueError, match="unexpected WavLM tensor feature_extract.model.encoder.layers.0.self_attn.mystery"):
+        WavlmEcapa(extra)
+    missing = {k: v for k, v in sd.items() if k != "feature_extract.model.encoder.layers.0.fc1.bias"}
+    with pytest.raises(RuntimeError, match=r"Missing key.*feed_forward\.intermediate_dense\.bias"):
+        WavlmEcapa(missing)
+    no_head = {k: v for k, v in sd.items() if not k.startswith("layer2.")}
+    with pytest.raises(RuntimeError, match=r"Missing key.*layer2\."):
+        WavlmEcapa(no_head)
+    torch.save({"state": sd}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="'model' state dict"):
+        load_checkpoint(str(tmp_path / "bad.pth"))
