@@ -19,24 +19,20 @@ asynchronous ones plus `.result()`.  Every request has a deadline (`timeout`, pe
 items): a sidecar that dies gives `CodecCrashError` at once, one that does not answer in time is killed and
 gives `CodecTimeoutError` — never a hang.  With `auto_restart` (default) the next request starts a fresh
 sidecar (at most `max_restarts` times).  Weights are resolved before anything is spawned: a missing file gives
-`MissingWeightsError` naming it (see `weights.py`).
+`MissingWeightsError` naming it (see `weights.py`).  The process machinery (spawn, handshake, deadlines,
+restarts) is the generic `valle_jax.worker.SpawnedWorker`; the child's side is `sidecar.CodecService`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import math
-import multiprocessing
 import os
-import signal
-import threading
-import time
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import sidecar
+from ..worker import SpawnedWorker, WorkerCrashError, WorkerError, WorkerTimeoutError
 from .specs import CODEC_SPECS, CodecSpec
 from .weights import resolve_dac, resolve_encodec, resolve_vocos
 
@@ -49,40 +45,25 @@ __all__ = [
     "CODEC_SPECS",
 ]
 
-log = logging.getLogger(__name__)
 
-
-
-
-class CodecError(RuntimeError):
+class CodecError(WorkerError):
     """The codec sidecar failed: it could not start, raised on a request, died, or hung."""
 
-    def __init__(self, message: str, remote_traceback: str | None = None):
-        super().__init__(message)
-        self.remote_traceback = remote_traceback
 
-
-class CodecCrashError(CodecError):
+class CodecCrashError(CodecError, WorkerCrashError):
     """The sidecar process died (killed, crashed, out of memory) before it answered."""
 
 
-class CodecTimeoutError(CodecError):
+class CodecTimeoutError(CodecError, WorkerTimeoutError):
     """The sidecar gave no answer within the deadline; it has been killed."""
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-class CodecClient:
+class CodecClient(SpawnedWorker):
     """A codec in a spawned torch sidecar process.  See the module docstring."""
+
+    error_class = CodecError
+    crash_class = CodecCrashError
+    timeout_class = CodecTimeoutError
 
     def __init__(
         self,
@@ -114,10 +95,6 @@ class CodecClient:
         self.spec = spec
         self.levels = levels
         self.batch_size = int(batch_size)
-        self.timeout = float(timeout)
-        self.start_timeout = float(start_timeout)
-        self.auto_restart = bool(auto_restart)
-        self.max_restarts = int(max_restarts)
         self.random_seed = None if random_seed is None else int(random_seed)
 
         config: dict[str, Any] = {
@@ -139,19 +116,19 @@ class CodecClient:
                 config["dac_path"] = str(resolve_dac(weights))
         elif weights is not None or encodec_weights is not None:
             raise ValueError("pass either weights or random_seed, not both")
-        self._config = config
-
-        self.info: dict[str, Any] = {}
-        self.restarts = 0
-        self._lock = threading.RLock()
-        self._proc = None
-        self._conn = None
-        self._spawned = False
-        self._fatal: CodecError | None = None
-        self._closed = False
-        self._closing = False
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._worker_ident: int | None = None
+        super().__init__(
+            "valle_jax.codec.sidecar:CodecService",
+            config,
+            label="codec sidecar",
+            title=f"codec sidecar ({kind})",
+            owner="CodecClient",
+            loading="importing torch and loading the codec",
+            thread_name=f"codec-sidecar-{kind}",
+            timeout=timeout,
+            start_timeout=start_timeout,
+            auto_restart=auto_restart,
+            max_restarts=max_restarts,
+        )
 
     # ----------------------------------------------------------------------------------------- properties
 
@@ -165,223 +142,10 @@ class CodecClient:
         """Samples per code frame at `sample_rate`."""
         return self.spec.hop_length
 
-    @property
-    def pid(self) -> int | None:
-        """The sidecar's process id, or None when none runs."""
-        proc = self._proc
-        return proc.pid if proc is not None else None
-
-    def is_alive(self) -> bool:
-        proc = self._proc
-        return proc is not None and proc.is_alive()
-
-    # ----------------------------------------------------------------------------------------- lifecycle
-
     def __enter__(self) -> "CodecClient":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def start(self) -> "CodecClient":
-        """Start the sidecar now (otherwise the first request starts it).  Blocks until the codec is loaded."""
-        with self._lock:
-            self._ensure_running()
-        return self
-
-    def close(self, wait: bool = True) -> None:
-        """Stop the sidecar.  wait=True lets queued requests finish first; wait=False kills it at once and
-        fails whatever is queued or running with CodecError."""
-        if self._closed:
-            return
-        self._closing = True  # no new requests from here on
-        if not wait:
-            self._kill()
-        if self._executor is not None:
-            self._executor.shutdown(wait=wait, cancel_futures=not wait)
-        with self._lock:
-            self._closed = True
-            proc, conn = self._proc, self._conn
-            if proc is not None and conn is not None and proc.is_alive():
-                try:
-                    conn.send(("close", None))
-                    if conn.poll(5.0):
-                        conn.recv()
-                except (EOFError, OSError):
-                    pass
-                proc.join(5.0)
-            self._stop_process()
-
-    def restart(self) -> None:
-        """Replace the sidecar with a fresh one (does not count against max_restarts)."""
-        with self._lock:
-            self._stop_process()
-            self._fatal = None
-            self._spawn()
-
-    def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.is_alive():
-            proc.kill()
-
-    def _stop_process(self) -> None:
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if proc is not None:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5.0)
-            try:
-                proc.close()
-            except ValueError:
-                pass
-        if conn is not None:
-            conn.close()
-
-    def _spawn(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        proc = ctx.Process(
-            target=sidecar.serve,
-            args=(child_end, self._config),
-            name=f"codec-sidecar-{self.kind}",
-            daemon=True,
-        )
-        proc.start()
-        child_end.close()  # so that the child's death shows here as end-of-file
-        self._proc, self._conn = proc, parent_end
-        self._spawned = True
-        try:
-            reply = self._receive("start-up (importing torch and loading the codec)", self.start_timeout)
-        except CodecError:
-            self._stop_process()
-            raise
-        if reply[0] != "ready":
-            self._stop_process()
-            self._fatal = CodecError(f"codec sidecar ({self.kind}) failed to start: {reply[1]}", reply[2])
-            raise self._fatal
-        self.info = reply[1]
-        log.info("codec sidecar %s started (pid %s)", self.kind, proc.pid)
-
-    def _ensure_running(self) -> None:
-        if self._closed:
-            raise CodecError("this CodecClient is closed")
-        if self._fatal is not None:
-            raise self._fatal
-        if self._proc is not None and self._proc.is_alive():
-            return
-        if self._proc is not None:
-            code = self._proc.exitcode
-            pid = self._proc.pid
-            self._stop_process()
-            log.warning("codec sidecar (pid %s) is gone (%s)", pid, _describe_exit(code))
-        if self._spawned:
-            if not self.auto_restart:
-                raise CodecCrashError("the codec sidecar is not running (it died or was stopped) and auto_restart is off")
-            if self.restarts >= self.max_restarts:
-                raise CodecCrashError(f"the codec sidecar has been restarted {self.restarts} times; giving up")
-            self.restarts += 1
-            log.warning("restarting the codec sidecar (%d of at most %d)", self.restarts, self.max_restarts)
-        self._spawn()
-
-    # ----------------------------------------------------------------------------------------- transport
-
-    def _receive(self, what: str, timeout: float) -> tuple:
-        proc, conn = self._proc, self._conn
-        assert proc is not None and conn is not None
-        pid = proc.pid
-        deadline = time.monotonic() + timeout
-        after = " It will be restarted on the next request." if self.auto_restart else ""
-        timed_out = threading.Event()
-
-        def on_deadline() -> None:
-            timed_out.set()
-            if proc.is_alive():
-                proc.kill()
-
-        def timeout_error() -> CodecTimeoutError:
-            self._stop_process()
-            return CodecTimeoutError(
-                f"the codec sidecar (pid {pid}) gave no answer to {what} within {timeout:g} s; it was killed.{after}"
-            )
-
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise timeout_error()
-            try:
-                ready = conn.poll(min(remaining, 0.2))
-            except (OSError, EOFError):
-                ready = True  # recv below reports it
-            if not ready and proc.is_alive():
-                continue
-            # Readable, or the process is gone (a last reply may still be buffered).  A watchdog bounds recv
-            # even if the sidecar stalls in the middle of a long message.
-            watchdog = threading.Timer(max(remaining, 0.0) + 1.0, on_deadline)
-            watchdog.daemon = True
-            watchdog.start()
-            try:
-                if ready or conn.poll(0):
-                    return conn.recv()
-            except (EOFError, OSError):
-                pass
-            finally:
-                watchdog.cancel()
-            if timed_out.is_set():
-                raise timeout_error()
-            proc.join(2.0)
-            code = proc.exitcode
-            self._stop_process()
-            hint = ""
-            if what.startswith("start-up"):
-                hint = (
-                    " (A script that starts a CodecClient must keep its top-level code under"
-                    ' `if __name__ == "__main__":`: the spawned sidecar imports the main module again.)'
-                )
-            raise CodecCrashError(
-                f"the codec sidecar (pid {pid}) died during {what} ({_describe_exit(code)}).{after}{hint}"
-            )
-
-    def _request(self, op: str, args: Any, timeout: float | None) -> Any:
-        timeout = self.timeout if timeout is None else float(timeout)
-        with self._lock:
-            self._ensure_running()
-            assert self._conn is not None and self._proc is not None
-            try:
-                self._conn.send((op, args))
-            except (OSError, EOFError):
-                pass  # the receive below reports the dead process
-            reply = self._receive(f"the {op} request", timeout)
-        if reply[0] == "ok":
-            return reply[1]
-        raise CodecError(f"the codec sidecar ({self.kind}) failed on {op}: {reply[1]}", reply[2])
-
-    def _submit(self, fn, *args) -> concurrent.futures.Future:
-        if self._closing or self._closed:
-            raise CodecError("this CodecClient is closed")
-        if threading.get_ident() == self._worker_ident:  # called from a callback on the worker: run inline
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001
-                future.set_exception(e)
-            return future
-        with self._lock:
-            if self._executor is None:
-
-                def remember_worker() -> None:
-                    self._worker_ident = threading.get_ident()
-
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=f"codec-{self.kind}", initializer=remember_worker
-                )
-        return self._executor.submit(fn, *args)
-
     # ----------------------------------------------------------------------------------------- requests
-
-    def ping(self, timeout: float | None = None) -> int:
-        """Round trip to the sidecar (starting it if needed); returns its pid."""
-        return self._submit(self._request, "ping", None, timeout).result()
 
     def _check_waves(self, waves: Sequence[np.ndarray], sample_rate) -> tuple[list[np.ndarray], list[int]]:
         if isinstance(waves, np.ndarray):
