@@ -58,7 +58,7 @@ def _lora_config(meta: dict, src: str, config: dict | LoraConfig | None) -> Lora
         return LoraConfig.from_dict(entry, where=f"{src}: config")
     except LoraError as e:
         raise CheckpointError(str(e)) from e
-    except TypeError as e:
+    except TypeError as e:  # a field of the wrong type that the dataclass cannot take
         raise CheckpointError(f"{src}: config {entry!r}: {e}") from e
 
 
@@ -78,8 +78,10 @@ def read_lora(path: str | Path, cfg: ModelConfig, params: dict | None = None,
         raise CheckpointError(f"{src}: not a LoRA file (no *.lora_A / *.lora_B tensors; it holds {shown} ...)")
     lora_cfg = _lora_config(meta, src, config)
     flat: dict[tuple[str, ...], np.ndarray] = {}
+    names = {}
     for key, arr in tensors.items():
         module_path, leaf, transpose = _module_path(key, src)
+        names[module_path] = key.rpartition(".")[0]
         if arr.ndim != 2:
             raise CheckpointError(f"{src}: key {key!r} has shape {list(arr.shape)}, expected a matrix")
         value = arr.T if transpose else arr  # [in, r] / [r, out], as Dense kernels
@@ -91,9 +93,10 @@ def read_lora(path: str | Path, cfg: ModelConfig, params: dict | None = None,
     try:
         lora_cfg.validate(cfg.resp_levels, where=f"{src}: config")
         adapters(lora_params)
-        check_lora(cfg, lora_params, params, where=src)
+        check_lora(cfg, lora_params, params, where=src, names=names)
     except LoraError as e:
-        raise CheckpointError(str(e)) from e
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(src) else f"{src}: {msg}") from e
     raw_meta = read_safetensors_metadata(path) if container == "sft" else meta
     reference = {"container": container, "keys": list(tensors), "metadata": raw_meta}
     return lora_cfg, lora_params, reference

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -92,9 +93,9 @@ class LoraConfig:
             raise LoraError(f"{where}: config is a {type(data).__name__}, expected a mapping")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoraError(f"{where}: unknown LoRA config field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        values = dict(data)
+        if unknown:  # e.g. fields of a later reference version: they do not change the adapter's arithmetic
+            warnings.warn(f"{where}: unknown LoRA config field(s) {', '.join(unknown)} ignored", stacklevel=2)
+        values = {k: v for k, v in data.items() if k in known}
         if "rvq_levels" in values:
             levels = values["rvq_levels"] or []
             if not isinstance(levels, (list, tuple)):
@@ -183,22 +184,25 @@ def adapters(lora_params: dict) -> dict[Path, tuple[Any, Any]]:
     out: dict[Path, list] = {}
     for path, leaf in flat.items():
         if path[-1] not in (LORA_A, LORA_B):
-            raise LoraError(f"LoRA params: leaf {'/'.join(path)} is neither {LORA_A} nor {LORA_B}")
+            raise LoraError(f"LoRA params: leaf {reference_module_name(path)} is neither {LORA_A} nor {LORA_B}")
         out.setdefault(path[:-1], [None, None])[path[-1] == LORA_B] = leaf
     for path, (a, b) in out.items():
+        name = reference_module_name(path)
         if a is None or b is None:
-            raise LoraError(f"LoRA params: {'/'.join(path)} has {LORA_A if a is not None else LORA_B} without its partner")
+            have, lack = (LORA_A, LORA_B) if a is not None else (LORA_B, LORA_A)
+            raise LoraError(f"LoRA params: {name} has {have} without {lack}")
         if a.shape[-1] != b.shape[-2]:
-            raise LoraError(f"LoRA params: {'/'.join(path)}: rank of {LORA_A} {a.shape} differs from {LORA_B} {b.shape}")
+            raise LoraError(f"LoRA params: {name}: rank of {LORA_A} {tuple(a.shape)} differs from {LORA_B} {tuple(b.shape)}")
     return {p: (a, b) for p, (a, b) in out.items()}
 
 
-def check_lora(cfg: Any, lora_params: dict, params: dict | None = None, where: str = "LoRA") -> None:
+def check_lora(cfg: Any, lora_params: dict, params: dict | None = None, where: str = "LoRA",
+               names: dict[Path, str] | None = None) -> None:  # fmt: skip
     """Every adapter sits on a target projection of `cfg` and fits its shape (missing targets are allowed:
-    they carry no adapter, as in the reference's non-strict load)."""
+    they carry no adapter, as in the reference's non-strict load). `names`: module names for messages."""
     targets = lora_targets(cfg, params)
     for path, (a, b) in adapters(lora_params).items():
-        name = reference_module_name(path)
+        name = (names or {}).get(path) or reference_module_name(path)
         if path not in targets:
             known = sorted({reference_module_name(p[2:]) for p in targets})  # "self_attn.q_proj", ...
             raise LoraError(f"{where}: {name} is not a LoRA target of this {cfg.arch_type} model "
@@ -287,7 +291,8 @@ def stack_loras(loras: list[tuple[LoraConfig, dict]], resp_levels: int, dtype: A
 
 
 def item_scale(stack: LoraStack, index_B: Array, level_B: Array | None, train: bool) -> Array:
-    """[B] float32: each item's LoRA scale, 0 where it has no LoRA (-1) or its LoRA is off at its level."""
+    """[B] float32: each item's LoRA scale, 0 where it has no LoRA (-1) or its LoRA is off at its level.
+    Indices must be -1 or < n (under jit an index past the stack is clamped, not refused: check on the host)."""
     index_B = jnp.asarray(index_B, jnp.int32)
     k = jnp.clip(index_B, 0, stack.scale.shape[0] - 1)
     on = index_B >= 0
