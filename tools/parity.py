@@ -2,19 +2,23 @@
 
     python tools/parity.py --checkpoint CKPT(.sft|.pth|DIR) --inputs IN.npz --out OUT.npz [--levels 0,1,2]
         [--retnet-mode parallel|chunkwise] [--heads N] [--tol 2e-5] [--greedy [--max-steps N]] [--loss]
+        [--lora LORA.(sft|pth)]
 
 Reads `text` [T], `prom` [P, levels], `resp` [R, levels] (tests/fixtures/README.md section 3) and writes
 `logits_L{l}` [S, V]: the whole-sequence logits of one teacher-forced pass for level l (section 4), V = the
 width of that level's head. Levels default to those the input file already holds reference logits for,
 else 0, 1, 2 and the last level the model has. When IN.npz holds the reference's `logits_L{l}`, the max
-absolute difference per level is printed and the exit status is 1 if any exceeds --tol.
+absolute difference per level is printed and the exit status is 1 if any exceeds --tol. With --lora the
+logits are computed with that reference LoRA file applied; without it, inputs that also hold the reference's
+LoRA-free logits `logits_base_L{l}` (a LoRA fixture) are compared against those.
 
 `--greedy` writes `ar_greedy` (cut at the first stop), `ar_greedy_raw` (every appended token) and `nar_greedy`
 (from the true level 0), through the synthesis pipeline's stages; `--loss` writes `loss_s{k}_joint_nll` and
 `loss_s{k}_split_{text,prom,resp}` (tests/fixtures/README.md sections 5-6).
 
-A fixtures manifest (`fixtures.json`, as in tests/fixtures) beside the checkpoint or the inputs supplies what
-weights cannot say: the tiny fixtures' head count (`--heads`) and the AR steps of their greedy outputs.
+A fixtures manifest (`fixtures.json` or `lora_fixtures.json`, as in tests/fixtures) beside the checkpoint or the
+inputs supplies what weights cannot say: the tiny fixtures' head count (`--heads`) and the AR steps of their
+greedy outputs.
 """
 
 from __future__ import annotations
@@ -44,17 +48,20 @@ DEFAULT_MAX_STEPS = 26  # the fixtures' default (fixtures.json -> defaults.max_s
 def fixture_facts(checkpoint: str | Path, inputs: str | Path) -> dict:
     """{"heads", "max_steps"} of a fixture from a `fixtures.json` manifest beside it (empty when none)."""
     facts: dict = {}
-    for path in (Path(checkpoint), Path(inputs)):
-        manifest = path.parent / "fixtures.json"
+    manifests = [p.parent / name for p in (Path(checkpoint), Path(inputs)) for name in ("fixtures.json", "lora_fixtures.json")]
+    for manifest in manifests:
         if not manifest.is_file():
             continue
         data = json.loads(manifest.read_text())
-        for v in data.get("variants", {}).values():
+        for v in data.get("variants", data).values():
+            if not isinstance(v, dict):
+                continue
             if v.get("checkpoint") == Path(checkpoint).name and "heads" not in facts:
                 facts["heads"] = v.get("dims", {}).get("heads")
             if v.get("npz") == Path(inputs).name and "ar_greedy" in v and "max_steps" not in facts:
                 facts["max_steps"] = int(v["ar_greedy"]["max_steps"])
-        facts.setdefault("max_steps", data.get("defaults", {}).get("max_steps"))
+        if facts.get("max_steps") is None:
+            facts["max_steps"] = data.get("defaults", {}).get("max_steps")
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -116,10 +123,13 @@ def default_levels(cfg: ModelConfig, inputs: dict) -> list[int]:
     return [l for l in model_levels(cfg) if l in wanted]
 
 
-def teacher_forced_logits(cfg: ModelConfig, params: dict, text, prom, resp, levels: list[int]) -> dict[str, np.ndarray]:
-    """`logits_L{l}` of the fixture layout: batch of one, resp[:, :1] for the AR, resp[:, :l] for level l."""
+def teacher_forced_logits(cfg: ModelConfig, params: dict, text, prom, resp, levels: list[int], lora=None) -> dict[str, np.ndarray]:
+    """`logits_L{l}` of the fixture layout: batch of one, resp[:, :1] for the AR, resp[:, :l] for level l.
+    `lora`: a `models.lora.LoraStack` of one LoRA, applied to the item."""
+    from valle_jax.models.lora import apply_model
+
     model = VALLE(cfg)
-    apply = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
+    apply = jax.jit(lambda p, lo, b: apply_model(model, p, lo, None, b)[0])
     out = {}
     for level in levels:
         if level not in model_levels(cfg):
@@ -127,7 +137,7 @@ def teacher_forced_logits(cfg: ModelConfig, params: dict, text, prom, resp, leve
         # All response columns are passed: level l reads only columns < l (the others get weight 0, exactly), so
         # one compiled program serves every level.
         batch = make_batch([{"text": text, "prom": prom, "resp": np.asarray(resp), "level": level}])
-        logits = np.asarray(apply(params, batch))[0]
+        logits = np.asarray(apply(params, lora, batch))[0]
         out[f"logits_L{level}"] = logits[:, : head_width(cfg, level)].astype(np.float32)
     return out
 
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--greedy", action="store_true", help="also write ar_greedy, ar_greedy_raw, nar_greedy")
     ap.add_argument("--max-steps", type=int, help="AR steps for --greedy (default: fixtures.json beside the inputs, else 26)")
     ap.add_argument("--loss", action="store_true", help="also write the loss_* values of the inputs' loss batches")
+    ap.add_argument("--lora", help="reference LoRA file (.sft/.pth) applied to the model (logits only)")
     args = ap.parse_args(argv)
 
     overrides = {"retnet_mode": args.retnet_mode} if args.retnet_mode else {}
@@ -154,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         if key not in inputs:
             raise SystemExit(f"{args.inputs}: missing array {key!r} (expected the tests/fixtures npz layout)")
     levels = [int(x) for x in args.levels.split(",")] if args.levels else default_levels(cfg, inputs)
-    out = teacher_forced_logits(cfg, params, inputs["text"], inputs["prom"], inputs["resp"], levels)
+    lora = None
+    if args.lora:
+        from valle_jax.lora_files import read_lora
+        from valle_jax.models.lora import stack_loras
+
+        if args.greedy or args.loss:
+            raise SystemExit("--lora: only teacher-forced logits are computed with a LoRA (not --greedy/--loss)")
+        lora = stack_loras([read_lora(args.lora, cfg, params)[:2]], cfg.resp_levels)
+    out = teacher_forced_logits(cfg, params, inputs["text"], inputs["prom"], inputs["resp"], levels, lora)
     if args.greedy:
         out.update(greedy_outputs(cfg, params, inputs, args.max_steps or facts.get("max_steps")))
     if args.loss:
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in out.items():
         parallel_key = key.replace("logits_", "logits_parallel_")  # a RetNet fixture's parallel-form logits
         ref_key = parallel_key if args.retnet_mode == "parallel" and parallel_key in inputs else key
+        if not args.lora and ref_key.replace("logits_", "logits_base_") in inputs:  # a LoRA fixture, run without it
+            ref_key = ref_key.replace("logits_", "logits_base_")
         if ref_key in inputs and key.startswith("logits_"):
             ref = inputs[ref_key]
             diff = float(np.abs(value - ref).max()) if ref.shape == value.shape else float("inf")
@@ -176,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             report[key] = "equal" if same else f"DIFFERENT ({float(value)} vs {float(inputs[key])})"
         elif key in inputs:
             report[key] = "equal" if np.array_equal(np.asarray(value), inputs[key]) else "DIFFERENT"
-    print(json.dumps({"checkpoint": args.checkpoint, "levels": levels, "written": sorted(out), "compared": report}))
+    print(json.dumps({"checkpoint": args.checkpoint, **({"lora": args.lora} if args.lora else {}), "levels": levels,
+                      "written": sorted(out), "compared": report}))  # fmt: skip
     failed = worst > args.tol or any(str(v).startswith("DIFFERENT") for v in report.values())
     return 1 if failed else 0
 

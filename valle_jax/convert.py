@@ -3,6 +3,7 @@
     python -m valle_jax.convert import SRC.(sft|pth) DST_DIR [--config X.yaml] [key=value ...] [--force]
                                       [--ignore-metadata-config]
     python -m valle_jax.convert export SRC_DIR DST.(sft|pth) [--dtype bfloat16|float16|float32] [--force]
+    python -m valle_jax.convert merge BASE(DIR|.sft|.pth) LORA.(sft|pth) DST_DIR [--heads N] [--all-levels] [--force]
 
 One table (`NAME_RULES`) maps reference state-dict keys to parameter paths; Linear weights are [out, in] in
 PyTorch and transposed for Dense kernels. Every tensor of the file is kept, used or not, with its dtype, and
@@ -33,6 +34,7 @@ from valle_jax.fileio import atomic_write
 from valle_jax.models import backbone as backbones
 
 STATE_PREFIX_RENAMES = (("retnet.", "model."),)  # legacy RetNet checkpoints (spec 7.5)
+STATE_DICT_KEYS = ("module", "lora")  # where a .pth keeps its tensors; LoRA files may say `lora` (reference-lora.md)
 
 # (reference key regex, parameter path template, transpose?). Templates use the regex groups.
 _NORM = r"(?:input_layernorm|post_attention_layernorm|norm|layer_norm|retention_layer_norm|ffn_layernorm|final_layer_norm)"
@@ -218,8 +220,9 @@ def read_pth(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint or truncated ({short})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (top level is {type(obj).__name__}, expected a dict)")
-    state = obj["module"] if "module" in obj else obj
-    extra = {k: v for k, v in obj.items() if k != "module"} if "module" in obj else {}
+    state_key = next((k for k in STATE_DICT_KEYS if k in obj), None)
+    state = obj[state_key] if state_key else obj
+    extra = {k: v for k, v in obj.items() if k != state_key} if state_key else {}
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path}: 'module' is not a state dict")
     tensors = {}
@@ -649,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("dst")
     exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as imported / as stored)")
     exp.add_argument("--force", action="store_true", help="replace DST if it exists")
+    mrg = sub.add_parser("merge", help="fold a reference LoRA file into a base model -> valle_jax model directory")
+    mrg.add_argument("base", help="valle_jax model directory or reference .sft/.pth")
+    mrg.add_argument("lora", help="reference LoRA file (.sft/.pth)")
+    mrg.add_argument("dst")
+    mrg.add_argument("--heads", type=int, help="attention heads of a reference BASE file (default dim/64)")
+    mrg.add_argument("--all-levels", action="store_true", help="merge a LoRA restricted to some RVQ levels anyway")
+    mrg.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
     from absl import logging as absl_logging
 
@@ -667,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
                 n = sum(int(np.prod(np.shape(a))) for a in _flatten(params).values())
                 print(f"imported {args.src} -> {out}: {cfg.arch_type} v{cfg.version}, {cfg.n_layers} layers, dim {cfg.d_model}, "
                       f"{cfg.n_heads} heads, {cfg.resp_levels} levels, {n:,} parameters")  # fmt: skip
+            elif args.cmd == "merge":
+                from valle_jax.lora_files import merge_files
+
+                check_destination(args.dst, args.force, is_dir=True)
+                out = merge_files(args.base, args.lora, args.dst, args.heads, args.all_levels, args.force)
+                print(f"merged {args.lora} into {args.base} -> {out}")
             else:
                 out = export_reference(args.src, args.dst, args.dtype, force=args.force)
                 print(f"exported {args.src} -> {out}")
