@@ -6,9 +6,10 @@ Run by tools/setup.sh.  One short try first: when the weights' host cannot be re
 --probe-timeout seconds the script says "offline" and exits 0 at once (the demo then uses the seeded random
 codec, as it says).  Otherwise:
 - EnCodec: `encodec_24khz-d7cc33bc.th` from its published URL into `$TORCH_HOME/hub/checkpoints/`, checked
-  against the sha256 prefix published in its name (torch hub's convention), as valle_jax checks it on load;
-- Vocos: `config.yaml` + `pytorch_model.bin` of charactr/vocos-encodec-24khz into the Hugging Face cache,
-  each checked against the hash the hub publishes for it (LFS sha256, or the git blob id of a small file).
+  against its published sha256 (valle_jax.codec.weights.PUBLISHED), as valle_jax checks it on load;
+- Vocos: `config.yaml` + `pytorch_model.bin` of charactr/vocos-encodec-24khz into the Hugging Face cache;
+  the weights checked against their published sha256 (PUBLISHED), the config against the git blob id the hub
+  publishes for it.
 Files already present and valid are not fetched again.  Nothing half-written is left under a final name.
 Exit status 0 unless a downloaded file fails its hash (1): a network failure is reported and tolerated.
 """
@@ -28,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from valle_jax.codec.weights import (  # noqa: E402
     ENCODEC_CHECKPOINT,
-    ENCODEC_SHA256_PREFIX,
     ENCODEC_URL,
     VOCOS_FILES,
     VOCOS_REPO,
     WeightsChecksumError,
     resolve_vocos,
     torch_hub_dir,
-    verify_sha256_prefix,
+    verify_published,
 )
 
 
@@ -77,33 +77,25 @@ def fetch_encodec(timeout: float) -> bool:
     dest = torch_hub_dir() / "checkpoints" / ENCODEC_CHECKPOINT
     if dest.is_file():
         try:
-            verify_sha256_prefix(dest, ENCODEC_SHA256_PREFIX)
+            verify_published(dest, "encodec", verify=True)
             say(f"EnCodec weights present: {dest}")
             return True
         except WeightsChecksumError as e:
             say(f"replacing a damaged file: {e}")
     tmp = download(ENCODEC_URL, dest, timeout)
     try:
-        verify_sha256_prefix(tmp, ENCODEC_SHA256_PREFIX)
+        verify_published(tmp, "encodec", verify=True)
     except WeightsChecksumError:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dest)
-    say(f"EnCodec weights: {dest} (sha256 starts with {ENCODEC_SHA256_PREFIX}, as published)")
+    say(f"EnCodec weights: {dest} (the published sha256)")
     return True
 
 
 def _git_blob_sha1(path: Path) -> str:
     data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_vocos(timeout: float) -> bool:
@@ -121,12 +113,16 @@ def fetch_vocos(timeout: float) -> bool:
     published = {s.rfilename: s for s in info.siblings}
     for name in VOCOS_FILES:
         path = Path(hf_hub_download(VOCOS_REPO, name, revision=info.sha))
-        meta = published[name]
-        want, got = (meta.lfs.sha256, _sha256(path)) if meta.lfs else (meta.blob_id, _git_blob_sha1(path))
-        if want != got:
+        try:
+            if name == "pytorch_model.bin":
+                verify_published(path, "vocos", verify=True)
+            elif published[name].blob_id != _git_blob_sha1(path):
+                raise WeightsChecksumError(f"{VOCOS_REPO}/{name}: git blob {_git_blob_sha1(path)} is not the "
+                                           f"published {published[name].blob_id}")  # fmt: skip
+        except WeightsChecksumError:
             path.unlink(missing_ok=True)
-            raise WeightsChecksumError(f"{VOCOS_REPO}/{name}: hash {got} does not match the published {want}")
-        say(f"Vocos {name}: {path} (hash matches the published {want[:16]}...)")
+            raise
+        say(f"Vocos {name}: {path} (the published hash)")
     return True
 
 
