@@ -28,6 +28,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from valle_jax.config import ConfigError, ModelConfig, load_yaml, parse_assignment
 from valle_jax.fileio import atomic_write
@@ -89,16 +90,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
-
-
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,7 +390,7 @@ def state_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, src: str) 
 
     from valle_jax.models.valle import init_params
 
-    expected = _flatten(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    expected = flatten_dict(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
     params: dict = {}
     seen = set()
     for key, arr in tensors.items():
@@ -443,7 +434,7 @@ def _is_float(a: np.ndarray) -> bool:
 
 
 def params_to_state(params: dict, key_order: list[str] | None = None, dtype: Any = None) -> dict[str, np.ndarray]:
-    flat = _flatten(params)
+    flat = flatten_dict(params)
     state = {}
     for path, value in flat.items():
         key = params_key(path)
@@ -554,17 +545,23 @@ def check_destination(dst: str | Path, force: bool, is_dir: bool) -> None:
         raise CheckpointError(f"{dst}: cannot be written: no write permission in {parent}")
 
 
+def output_container(path: Path, dtype: str | None = None) -> str:
+    """"sft" or "pth" from a destination's suffix (and a valid export dtype), or a clear refusal."""
+    container = {".sft": "sft", ".safetensors": "sft", ".pth": "pth", ".pt": "pth"}.get(path.suffix.lower())
+    if container is None:
+        raise CheckpointError(f"{path}: unknown output container (expected .sft or .pth)")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return container
+
+
 def export_reference(src_dir: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False) -> Path:
     """Model directory -> reference .sft or .pth, with the keys, shapes and metadata the reference loads.
     An existing `dst` is refused unless `force`; the file appears whole or not at all."""
     from valle_jax.checkpoint import load_model_dir
 
     dst = Path(dst)
-    container = {".sft": "sft", ".safetensors": "sft", ".pth": "pth", ".pt": "pth"}.get(dst.suffix.lower())
-    if container is None:
-        raise CheckpointError(f"{dst}: unknown output container (expected .sft or .pth)")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    container = output_container(dst, dtype)
     check_destination(dst, force, is_dir=False)
     try:
         cfg, params, reference = load_model_dir(src_dir)
@@ -674,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg, params, reference = load_reference(args.src, args.overrides, args.config, args.heads,
                                                         ignore_metadata_config=args.ignore_metadata_config)  # fmt: skip
                 out = save_model_dir(args.dst, cfg, params, reference, force=args.force)
-                n = sum(int(np.prod(np.shape(a))) for a in _flatten(params).values())
+                n = sum(int(np.prod(np.shape(a))) for a in flatten_dict(params).values())
                 print(f"imported {args.src} -> {out}: {cfg.arch_type} v{cfg.version}, {cfg.n_layers} layers, dim {cfg.d_model}, "
                       f"{cfg.n_heads} heads, {cfg.resp_levels} levels, {n:,} parameters")  # fmt: skip
             elif args.cmd == "merge":

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
 from valle_jax.config import ModelConfig
 from valle_jax.convert import (
     DTYPES,
     CheckpointError,
     _is_float,
+    output_container,
     param_path,
     params_key,
     read_reference,
@@ -29,7 +31,7 @@ from valle_jax.convert import (
     write_pth,
     write_safetensors,
 )
-from valle_jax.models.lora import LORA_A, LORA_B, LoraConfig, LoraError, _unflatten, adapters, check_lora, merge_lora
+from valle_jax.models.lora import LORA_A, LORA_B, LoraConfig, LoraError, adapters, check_lora, merge_lora
 
 SUFFIXES = (LORA_A, LORA_B)
 
@@ -89,7 +91,7 @@ def read_lora(path: str | Path, cfg: ModelConfig, params: dict | None = None,
         if rank != lora_cfg.rank:
             raise CheckpointError(f"{src}: key {key!r} has shape {list(arr.shape)}: rank {rank}, the config says rank {lora_cfg.rank}")
         flat[module_path + (leaf,)] = np.ascontiguousarray(value)
-    lora_params = _unflatten(flat)
+    lora_params = unflatten_dict(flat)
     try:
         lora_cfg.validate(cfg.resp_levels, where=f"{src}: config")
         adapters(lora_params)
@@ -127,11 +129,7 @@ def write_lora(path: str | Path, lora_cfg: LoraConfig, lora_params: dict, refere
     and, while the config is unchanged, the metadata verbatim. `dtype` casts the tensors (the reference
     exports float16 by default; here the default is the params' own dtype)."""
     path = Path(path)
-    container = {".sft": "sft", ".safetensors": "sft", ".pth": "pth", ".pt": "pth"}.get(path.suffix.lower())
-    if container is None:
-        raise CheckpointError(f"{path}: unknown output container (expected .sft or .pth)")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    container = output_container(path, dtype)
     reference = reference or {}
     state = lora_state(lora_params, reference.get("keys"), DTYPES[dtype] if dtype else None)
     config = lora_cfg.reference_dict()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 
@@ -124,26 +125,6 @@ def is_target(arch: str, path: Path) -> bool:
     return path[:1] == (BACKBONE,) and not any(t in name for t in exclude) and any(t in name for t in include)
 
 
-def _flatten(tree: dict, prefix: Path = ()) -> dict[Path, Any]:
-    out: dict[Path, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: dict[Path, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _param_shapes(cfg: Any, params: dict | None) -> dict:
     if params is not None:
         return params
@@ -156,7 +137,7 @@ def lora_targets(cfg: Any, params: dict | None = None) -> dict[Path, tuple[int, 
     """Module path -> (in, out) of every projection the reference puts a LoRA on, in parameter order.
     `params` (arrays or shapes) avoids building the model's shapes again."""
     out = {}
-    for path, leaf in _flatten(_param_shapes(cfg, params)).items():
+    for path, leaf in flatten_dict(_param_shapes(cfg, params)).items():
         if path[-1] == "kernel" and len(leaf.shape) == 2 and is_target(cfg.arch_type, path[:-1]):
             out[path[:-1]] = (int(leaf.shape[0]), int(leaf.shape[1]))
     return out
@@ -173,12 +154,12 @@ def init_lora(cfg: Any, lora_cfg: LoraConfig, rng: Array, params: dict | None = 
         bound = 1.0 / math.sqrt(d_in)
         flat[path + (LORA_A,)] = jax.random.uniform(key, (d_in, lora_cfg.rank), dtype, -bound, bound)
         flat[path + (LORA_B,)] = jnp.zeros((lora_cfg.rank, d_out), dtype)
-    return _unflatten(flat)
+    return unflatten_dict(flat)
 
 
 def adapters(lora_params: dict) -> dict[Path, tuple[Any, Any]]:
     """Module path -> (A, B) of a LoRA tree; refuses a tree with a lone A or B or another leaf name."""
-    flat = _flatten(lora_params)
+    flat = flatten_dict(lora_params)
     out: dict[Path, list] = {}
     for path, leaf in flat.items():
         if path[-1] not in (LORA_A, LORA_B):
@@ -217,7 +198,7 @@ def merge_lora(params: dict, lora_params: dict, lora_cfg: LoraConfig, all_levels
     if lora_cfg.rvq_levels and not all_levels:
         raise LoraError(f"LoRA {lora_cfg.name!r} is enabled only at RVQ levels {list(lora_cfg.rvq_levels)}; a merged model "
                         "applies it at every level (pass all_levels=True / --all-levels to merge anyway)")  # fmt: skip
-    flat = _flatten(params)
+    flat = flatten_dict(params)
     out = dict(flat)
     for path, (a, b) in adapters(lora_params).items():
         key = path + ("kernel",)
@@ -227,20 +208,20 @@ def merge_lora(params: dict, lora_params: dict, lora_cfg: LoraConfig, all_levels
         delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=jax.lax.Precision.HIGHEST)
         merged = jnp.asarray(w, jnp.float32) + lora_cfg.scale * delta
         out[key] = merged.astype(w.dtype)
-    return _unflatten(out)
+    return unflatten_dict(out)
 
 
 def lora_logical_axes(lora_params: dict, base_axes: dict) -> dict:
     """Logical axis names of a LoRA tree (for sharding): A takes its projection's input axis, B its output axis;
     the rank axis is replicated. `base_axes` is `models.valle.logical_axes(cfg)` (PartitionSpec leaves)."""
-    flat_axes = _flatten(base_axes)
+    flat_axes = flatten_dict(base_axes)
     out = {}
     for path, (a, _) in adapters(lora_params).items():
         spec = tuple(flat_axes[path + ("kernel",)])
         lead = (None,) * (a.ndim - 2)  # a stacked tree has a leading [n] axis
         out[path + (LORA_A,)] = jax.sharding.PartitionSpec(*lead, spec[0], None)
         out[path + (LORA_B,)] = jax.sharding.PartitionSpec(*lead, None, spec[1])
-    return _unflatten(out)
+    return unflatten_dict(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,7 +266,7 @@ def stack_loras(loras: list[tuple[LoraConfig, dict]], resp_levels: int, dtype: A
         flat[path + (LORA_B,)] = jnp.stack(Bs)
     scale = jnp.asarray([c.scale for c, _ in loras], jnp.float32)
     levels = jnp.asarray([[not c.rvq_levels or l in c.rvq_levels for l in range(resp_levels)] for c, _ in loras], bool)
-    return LoraStack(_unflatten(flat), scale, levels)
+    return LoraStack(unflatten_dict(flat), scale, levels)
 
 
 def item_scale(stack: LoraStack, index_B: Array, level_B: Array | None, train: bool) -> Array:
