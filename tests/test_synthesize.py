@@ -90,9 +90,10 @@ def test_job_killed_and_rerun_finishes_every_item_once(tmp_path, prompts):
     assert 3 <= n_ok_first < len(good), f"kill did not land mid-job ({n_ok_first} done)"
 
     r = _run(args)
-    assert r.returncode == 0, r.stderr  # the bad items were all recorded by the first run (they are checked first)
+    assert r.returncode == 3, r.stderr  # the bad items (recorded by the first run: they are checked first) are errors
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == len(first)
+    assert summary["job"] == {"ok": len(good), "error": len(bad), "transient": 0, "pending": 0}
     results = _results(out)
     ok = [x["id"] for x in results if x["status"] == "ok"]
     errors = {x["id"]: x["error"] for x in results if x["status"] == "error"}
@@ -102,7 +103,8 @@ def test_job_killed_and_rerun_finishes_every_item_once(tmp_path, prompts):
     assert "bad_format" in errors and errors["bad_empty"] == "empty text" and "--max-text-tokens" in errors["bad_long"]
     assert "xx-nope" in errors["bad_lang"] and "temprature" in errors["bad_field"] and "not a JSON object" in errors["line4"]
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted([f"{g}.wav" for g in good] + ["results.jsonl"])  # no temp or partial files
+    assert files == sorted([f"{g}.wav" for g in good] + ["results.jsonl", "manifest.jsonl"])  # no temp or partial files
+    assert len(results) == len(good) + len(bad)  # one line per id
     for g in good:
         audio, sr = sf.read(out / f"{g}.wav")
         assert sr == 24000 and len(audio) > 0 and np.isfinite(audio).all()
