@@ -141,14 +141,17 @@ def test_finding3_a_good_codes_item_keeps_its_settings(tmp_path):
     assert req.prom.shape == (40, models.nar_cfg.resp_levels) and (req.prom == codes[:, : req.prom.shape[1]]).all()
 
 
-def test_bad_sampler_flags_are_usage_errors(tmp_path, env):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "text": "x", "prompt": "x.wav"}) + "\n")
+def test_bad_sampler_flags_are_usage_errors():
+    from valle_jax.synthesize import UsageError, build_parser, settings_from_args
+
     for flag, value, needle in [("--top-k", "2.5", "expected an integer"), ("--repetition-penalty", "0", "> 0"),
-                                ("--ar-temperature", "nan", "expected a finite number")]:  # fmt: skip
-        r = _synthesize(["--checkpoint", CKPT, "--manifest", manifest, "--out", tmp_path / "o", flag, value, *COMMON], env)
-        _one_line_error(r, flag, needle)
-        assert not (tmp_path / "o").exists()
+                                ("--ar-temperature", "nan", "expected a finite number"), ("--batch", "0", "slots = 0")]:  # fmt: skip
+        args = build_parser().parse_args(["--checkpoint", "c", "--manifest", "m", "--out", "o", flag, value])
+        with pytest.raises(UsageError) as e:
+            settings_from_args(args)
+        assert needle in str(e.value) and (flag in str(e.value) or flag == "--batch"), str(e.value)
+    args = build_parser().parse_args(["--checkpoint", "c", "--manifest", "m", "--out", "o", "--top-k", "3", "--nar-temperature", "0.5"])
+    assert settings_from_args(args).ar == {"top_k": 3} and settings_from_args(args).nar == {"top_k": 3, "temperature": 0.5}
 
 
 # ----------------------------------------------------------------------------- the job folder, alone
@@ -203,3 +206,181 @@ def test_stale_temp_files_are_recognised(tmp_path):
         (tmp_path / n).write_text("x")
     assert jobfolder.remove_stale_temp_files(tmp_path) == sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+# ----------------------------------------------------------------------------- whole jobs
+
+
+def test_finding3_4_8_a_job_records_every_bad_item_and_its_status_counts_every_id(tmp_path, env, prompts):
+    """One malformed field never stops a job (3); a rerun, with or without --retry-errors, still exits 3 while
+    ids are in error (4); ids are matched whole and a duplicated id is one error (8)."""
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    bad_ids = {f"bad_{n}": expected for n, (_, expected) in BAD_FIELDS.items()}
+    lines = [json.dumps(_good(0, prompts))] + [_bad_line(n, f, prompts) for n, (f, _) in BAD_FIELDS.items()]
+    lines += [json.dumps({**_good(9, prompts), "id": "x\n"}), json.dumps({**_good(9, prompts), "id": "../up"}),
+              json.dumps({**_good(9, prompts), "id": "dup"}), "{not json", json.dumps({**_good(8, prompts), "id": "dup"}),
+              json.dumps(_good(1, prompts, max_ar_steps=6))]  # fmt: skip
+    manifest.write_text("\n".join(lines) + "\n")
+    bad_ids.update({"x\n": "use letters, digits", "../up": "use letters, digits", "dup": "is on lines 24, 26 of the manifest",
+                    "line25": "not a JSON object"})  # fmt: skip
+    args = ["--checkpoint", CKPT, "--manifest", manifest, "--out", out, *COMMON]
+
+    r = _synthesize(args, env)
+    assert r.returncode == 3, r.stderr[-3000:]
+    results = {x["id"]: x for x in _results(out)}
+    assert len(results) == len(_results(out)) == len(bad_ids) + 2  # one line per id
+    assert results["good0"]["status"] == results["good1"]["status"] == "ok", results
+    for i, expected in bad_ids.items():
+        assert results[i]["status"] == "error" and results[i]["kind"] == "permanent", results[i]
+        assert expected in results[i]["error"], (i, results[i]["error"])
+    assert sorted(p.name for p in out.iterdir()) == ["good0.wav", "good1.wav", "manifest.jsonl", "results.jsonl"]
+    assert (out / "manifest.jsonl").read_text() == manifest.read_text()
+    job = {"ok": 2, "error": len(bad_ids), "transient": 0, "pending": 0}
+    assert _summary(r)["job"] == job
+
+    r2 = _synthesize(args, env)  # nothing to do, and still not all well
+    assert r2.returncode == 3 and _summary(r2)["job"] == job and _summary(r2)["skipped"] == len(bad_ids) + 2, r2.stderr
+    r3 = _synthesize([*args, "--retry-errors"], env)  # every error tried again: the same errors, nothing lost
+    s3 = _summary(r3)
+    assert r3.returncode == 3 and s3["error"] == len(bad_ids) and s3["skipped"] == 2 and s3["job"] == job, r3.stderr
+    assert {x["id"]: x for x in _results(out)} == {i: {**x} for i, x in results.items()}
+
+
+def test_finding8_setup_errors_are_one_line_exit_2_and_leave_no_folder(tmp_path, env, prompts):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps(_good(0, prompts)) + "\n")
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "out"
+    base = ["--manifest", manifest, "--codec", "encodec", "--heads", str(heads_of(CKPT)), "--quiet"]
+    cases = [
+        (["--checkpoint", tmp_path / "missing.sft", "--out", out, "--random-codec", "0"], ["missing.sft", "not found"]),
+        (["--checkpoint", CKPT, "--out", tmp_path / "a_file" / "out", "--random-codec", "0"], ["cannot write the output folder"]),
+        (["--checkpoint", CKPT, "--out", out, "--codec-weights", tmp_path / "nope.th"], ["weights not found", "nope.th"]),
+        (["--checkpoint", CKPT, "--out", out, "--random-codec", "0", "--evaluate", "--asr-model", tmp_path / "no-asr"],
+         ["--evaluate", "no-asr", "no such folder"]),
+        (["--checkpoint", CKPT, "--out", out, "--random-codec", "0", "--top-k", "2.5"], ["--top-k", "expected an integer"]),
+    ]  # fmt: skip
+    for args, needles in cases:
+        r = _synthesize([*args, *base], env)
+        _one_line_error(r, *needles)
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "jobs.jsonl"], args
+
+
+def test_finding8_a_second_job_is_refused_a_killed_one_taken_over_and_the_job_evaluates_itself(tmp_path, env, prompts):
+    """The lock names the running job; after a kill its lock and temporary files are dealt with by the rerun,
+    which also evaluates the job (--evaluate: OUT/eval/ with metrics.jsonl, summary.json, index.html)."""
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    goods = [_good(i, prompts) for i in range(3)]
+    manifest.write_text("".join(json.dumps(g) + "\n" for g in goods))
+    args = ["--checkpoint", CKPT, "--manifest", manifest, "--out", out, *COMMON]
+    first = subprocess.Popen([sys.executable, "-m", "valle_jax.synthesize", *map(str, args)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / ".lock").is_file() and f'"pid": {first.pid}' in (out / ".lock").read_text()):
+            assert first.poll() is None, "the first job ended before it was seen holding the lock"
+            time.sleep(0.05)
+        second = _synthesize(args, env)
+        started = json.loads((out / ".lock").read_text())["started"]
+        _one_line_error(second, "is in use by another job", f"pid {first.pid} on host {socket.gethostname()}", started)
+        assert first.poll() is None, "the first job ended before the second was refused: the test proves nothing"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    assert (out / ".lock").is_file()  # the killed job's lock file stays behind (its flock went with it)
+    temps = [".good0.wav.ab12cd34.tmp", ".results.jsonl.zz99yy88.tmp"]
+    for t in temps:
+        (out / t).write_bytes(b"half written")
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"id": "good1", "sta')  # torn by the kill
+
+    r = _synthesize([*args, "--evaluate"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"took over the lock of an earlier job that is gone (pid {first.pid} on host" in r.stderr
+    assert "removed 2 temporary file(s) of a killed run" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"good{i}.wav" for i in range(3)] + ["eval", "manifest.jsonl", "results.jsonl"])
+    assert [(x["id"], x["status"]) for x in _results(out)] == [(f"good{i}", "ok") for i in range(3)]
+    metrics = [json.loads(line) for line in (out / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["id"] for m in metrics] == ["good0", "good1", "good2"]
+    for m, g in zip(metrics, goods):  # the texts and prompts come from the job's manifest copy
+        assert m["text"] == g["text"] and m["prompt"] == [g["prompt"]] and m["transcript"] is not None and m["wer"] is not None
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["n_items"] == 3 and summary["models"]["asr"]["sha256"]
+    page = (out / "eval" / "index.html").read_text()
+    assert all(f"good{i}" in page for i in range(3))
+    assert _summary(r)["evaluation"]["n_items"] == 3
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(args: list, env: dict, n: int, logs: Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for k in range(n):
+        with open(logs / f"p{k}.{port}.log", "w") as log:
+            cmd = [sys.executable, "-m", "valle_jax.synthesize", *map(str, args), "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", str(n), "--process-id", str(k)]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.wait(30)
+
+
+@pytest.mark.slow
+def test_two_processes_run_one_job_each_id_once_also_after_a_kill_and_a_rerun_on_one(tmp_path, env, prompts):
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    args = ["--checkpoint", CKPT, "--manifest", manifest, "--out", out, *COMMON, "--batch", "1"]
+    listing = lambda items: sorted([f"{g['id']}.wav" for g in items] + ["manifest.jsonl", "results.jsonl"])  # noqa: E731
+
+    items = [_good(i, prompts) for i in range(4)]  # two processes run a job to the end
+    manifest.write_text("".join(json.dumps(g) + "\n" for g in items))
+    procs = _start_processes(args, env, 2, tmp_path)
+    try:
+        for p in procs:
+            p.wait(TIMEOUT)
+    finally:
+        _kill(procs)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("p*.log")))
+    assert [p.returncode for p in procs] == [0, 0], logs
+    results = _results(out)
+    assert [(x["id"], x["status"], x["process"]) for x in results] == [(g["id"], "ok", i % 2) for i, g in enumerate(items)]
+    assert sorted(p.name for p in out.iterdir()) == listing(items)
+
+    items += [_good(i, prompts) for i in range(4, 12)]  # eight more; process 1 is killed mid-job, then process 0
+    manifest.write_text("".join(json.dumps(g) + "\n" for g in items))
+    procs = _start_processes(args, env, 2, tmp_path)
+    parts = [out / "results.p0.jsonl", out / "results.p1.jsonl"]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if all(jobfolder.read_records(p) for p in parts):
+                break
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), "a process ended before the kill"
+        _kill(procs[1:])
+        _kill(procs[:1])
+    finally:
+        _kill(procs)
+    shares = [{x["id"] for x in jobfolder.read_records(p)} for p in parts]
+    assert shares[0] <= {f"good{i}" for i in range(4, 12, 2)} and shares[1] <= {f"good{i}" for i in range(5, 12, 2)}
+    assert shares[0] and shares[1] and len(shares[0] | shares[1]) < 8, shares
+
+    r = _synthesize(args, env)  # one process finishes the job of two
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _summary(r)["skipped"] == 4 + len(shares[0] | shares[1])
+    assert [(x["id"], x["status"]) for x in _results(out)] == [(g["id"], "ok") for g in items]
+    assert sorted(p.name for p in out.iterdir()) == listing(items)

@@ -378,7 +378,7 @@ def _prepare_folder(out_dir: Path, lock: jobfolder.JobLock, manifest: Path | Non
 
 
 def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entry], out_dir: Path,
-                     writer: jobfolder.ResultsWriter) -> dict[str, Any]:  # fmt: skip
+                     writer: jobfolder.ResultsWriter, procs: Processes) -> dict[str, Any]:  # fmt: skip
     """Synthesize this process's entries: every one ends with a results line (ok, or error with its kind)."""
     from tqdm import tqdm
 
@@ -391,7 +391,7 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
     lines = {e.id: e.line for e in entries}
 
     def record(rec: dict) -> None:
-        writer.append({**rec, "line": lines[rec["id"]]})
+        writer.append({**rec, "line": lines[rec["id"]], **({"process": procs.index} if procs.count > 1 else {})})
         if rec["status"] == "ok":
             counts["ok"] += 1
         else:
@@ -461,7 +461,7 @@ def run_job(args: argparse.Namespace, entries: list[Entry], out_dir: Path, procs
         todo = [e for e in entries if not jobfolder.is_done(state.get(e.id), out_dir, args.retry_errors)]
         mine = todo[procs.index :: procs.count]
         writer = jobfolder.ResultsWriter(jobfolder.part_path(out_dir, procs.index, procs.count))
-        counts = synthesize_share(args, settings, mine, out_dir, writer)
+        counts = synthesize_share(args, settings, mine, out_dir, writer, procs)
         procs.barrier("synthesized")
         if procs.index == 0:
             jobfolder.compact(out_dir, order)
