@@ -384,3 +384,25 @@ def test_two_processes_run_one_job_each_id_once_also_after_a_kill_and_a_rerun_on
     assert _summary(r)["skipped"] == 4 + len(shares[0] | shares[1])
     assert [(x["id"], x["status"]) for x in _results(out)] == [(g["id"], "ok") for g in items]
     assert sorted(p.name for p in out.iterdir()) == listing(items)
+
+
+# ----------------------------------------------------------------------------- the demo's last step
+
+
+def test_demo_evaluates_its_sample_and_says_when_the_number_means_nothing(tmp_path, capsys):
+    """Step 5 of the demo on a real spoken sentence (espeak-ng): a real WER; and the same audio flagged as
+    meaningless when the demo's codec was the random one (its audio would not be speech)."""
+    from valle_jax.demo import evaluate_sample, judge_sample
+
+    text = "The quick brown fox jumps over the lazy dog."
+    sample, prompt = tmp_path / "sample.wav", tmp_path / "prompt.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(sample), text], check=True)
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(prompt), "A voice prompt for the demo."], check=True)
+    found = evaluate_sample(sample, text, prompt, tmp_path, random_codec=False)
+    assert found["evaluated"] and found["meaningful"] and found["wer"] < 0.5 and found["sim"] is not None, found
+    assert f"evaluation: WER {found['wer']} against" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "index.html").is_file()
+    metrics = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())
+    noise, said = judge_sample(metrics, text, random_codec=True)  # the same numbers, from the random codec's audio
+    assert noise["wer"] == found["wer"] and not noise["meaningful"]
+    assert "decoded by a RANDOM codec" in said and "say nothing about the model" in said, said
