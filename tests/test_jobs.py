@@ -346,9 +346,20 @@ def test_two_processes_run_one_job_each_id_once_also_after_a_kill_and_a_rerun_on
     args = ["--checkpoint", CKPT, "--manifest", manifest, "--out", out, *COMMON, "--batch", "1"]
     listing = lambda items: sorted([f"{g['id']}.wav" for g in items] + ["manifest.jsonl", "results.jsonl"])  # noqa: E731
 
-    items = [_good(i, prompts) for i in range(4)]  # two processes run a job to the end
+    items = [_good(i, prompts) for i in range(4)]
     manifest.write_text("".join(json.dumps(g) + "\n" for g in items))
-    procs = _start_processes(args, env, 2, tmp_path)
+    out.mkdir()
+    with jobfolder.acquire(out) as lock:  # a folder in use: both processes refuse, naming its holder
+        procs = _start_processes(args, env, 2, tmp_path)
+        try:
+            codes = [p.wait(TIMEOUT) for p in procs]
+        finally:
+            _kill(procs)
+    logs = [p.read_text() for p in sorted(tmp_path.glob("p*.log"), key=lambda p: p.stat().st_mtime)[-2:]]
+    assert codes == [2, 2] and all(f"in use by another job (pid {lock.info['pid']} on host" in log for log in logs), logs
+    assert os.listdir(out) == []
+
+    procs = _start_processes(args, env, 2, tmp_path)  # two processes run the job to the end
     try:
         for p in procs:
             p.wait(TIMEOUT)
