@@ -154,6 +154,23 @@ def test_bad_sampler_flags_are_usage_errors():
     assert settings_from_args(args).ar == {"top_k": 3} and settings_from_args(args).nar == {"top_k": 3, "temperature": 0.5}
 
 
+def test_errors_are_classed_transient_only_when_a_retry_may_pass():
+    import jax
+
+    from valle_jax.codec import CodecCrashError, CodecError, CodecTimeoutError
+    from valle_jax.pipeline import PERMANENT, TRANSIENT, ItemError, error_kind
+
+    transient = [CodecCrashError("the codec sidecar (pid 7) died during the decode request (killed by SIGKILL)."),
+                 CodecTimeoutError("the codec sidecar (pid 7) gave no answer to the decode request within 600 s"),
+                 CodecError("the codec sidecar (encodec) failed on decode: OutOfMemoryError: CUDA out of memory."),
+                 jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.9GiB."),
+                 MemoryError()]  # fmt: skip
+    permanent = [ItemError("field 'text' = 42: expected a string"), ValueError("bad"),
+                 CodecError("the codec sidecar (encodec) failed on encode: RuntimeError: input has 0 samples")]  # fmt: skip
+    assert [error_kind(e) for e in transient] == [TRANSIENT] * len(transient)
+    assert [error_kind(e) for e in permanent] == [PERMANENT] * len(permanent)
+
+
 # ----------------------------------------------------------------------------- the job folder, alone
 
 

@@ -377,15 +377,33 @@ def _prepare_folder(out_dir: Path, lock: jobfolder.JobLock, manifest: Path | Non
         atomic_write(copy, lambda f: f.write(data))
 
 
+def set_up(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The models and the started codec sidecar of the job; UsageError (exit 2) when they cannot be had."""
+    from valle_jax.codec import CodecError, MissingWeightsError, WeightsChecksumError
+    from valle_jax.config import ConfigError
+    from valle_jax.convert import CheckpointError
+    from valle_jax.pipeline import load_models
+
+    try:
+        models = load_models(args.checkpoint, args.nar_checkpoint, dtype=args.dtype, attention=args.attention, heads=args.heads)
+        codec = open_codec(args, args.codec or models.codec)
+    except (ConfigError, CheckpointError, MissingWeightsError, WeightsChecksumError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        codec.start()
+    except CodecError as e:
+        codec.close()
+        raise UsageError(f"the codec sidecar did not start: {e}") from None
+    return models, codec
+
+
 def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entry], out_dir: Path,
                      writer: jobfolder.ResultsWriter, procs: Processes) -> dict[str, Any]:  # fmt: skip
     """Synthesize this process's entries: every one ends with a results line (ok, or error with its kind)."""
     from tqdm import tqdm
 
-    from valle_jax.codec import CodecError, MissingWeightsError, WeightsChecksumError, write_wav
-    from valle_jax.config import ConfigError
-    from valle_jax.convert import CheckpointError
-    from valle_jax.pipeline import PERMANENT, TRANSIENT, ItemError, Synthesizer, error_kind, load_models
+    from valle_jax.codec import CodecError, write_wav
+    from valle_jax.pipeline import PERMANENT, TRANSIENT, ItemError, Synthesizer, error_kind
 
     counts: dict[str, Any] = {"ok": 0, "error": 0, "transient": 0, "audio_seconds": 0.0}
     lines = {e.id: e.line for e in entries}
@@ -400,18 +418,7 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
 
     checked = [(e, precheck(e, settings)) for e in entries]
     valid = [e for e, error in checked if error is None]
-    codec = None
-    if valid:  # set-up failures end the run before it writes anything
-        try:
-            models = load_models(args.checkpoint, args.nar_checkpoint, dtype=args.dtype, attention=args.attention, heads=args.heads)
-            codec = open_codec(args, args.codec or models.codec)
-        except (ConfigError, CheckpointError, MissingWeightsError, WeightsChecksumError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
-        try:
-            codec.start()
-        except CodecError as e:
-            codec.close()
-            raise UsageError(f"the codec sidecar did not start: {e}") from None
+    models, codec = set_up(args) if valid else (None, None)  # before anything is written: a failure leaves nothing
     for e, error in checked:
         if error is not None:
             record({"id": e.id, "status": "error", "error": error, "kind": PERMANENT})
@@ -440,10 +447,11 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
         except Exception as err:  # out of memory: the items not finished are transient errors; anything else is a bug
             if error_kind(err) != TRANSIENT:
                 raise
-            message = f"synthesis stopped: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            first_line = (str(err).strip().splitlines() or [""])[0]
             for r in requests:
                 if r.id in pending:
-                    record({"id": r.id, "status": "error", "error": message, "kind": TRANSIENT})
+                    record({"id": r.id, "status": "error", "error": f"synthesis stopped: {type(err).__name__}: {first_line}",
+                            "kind": TRANSIENT})  # fmt: skip
     counts["audio_seconds"] = round(counts["audio_seconds"], 3)
     return counts
 
