@@ -4,7 +4,9 @@
    EnCodec when the real EnCodec weights are not installed: it says so, and the audio of step 4 is then noise);
 2. the tiny model (configs/train-tiny.yaml) trains on it on the CPU for a few minutes, with progress;
 3. the loss/accuracy plot is written (runs/demo/run/curves.png);
-4. a sentence is synthesized from the trained model with one of the corpus voices as the prompt.
+4. a sentence is synthesized from the trained model with one of the corpus voices as the prompt;
+5. the sample is evaluated (`python -m valle_jax.evaluate`: the ASR transcript and its WER against the sentence,
+   runs/demo/eval/). With the random codec the sample is not speech, and the demo says that its WER means nothing.
 Each step is resumable: rerunning skips what is done (the corpus, finished training steps).
 """
 
@@ -19,9 +21,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str]) -> None:
+def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """Run a valle_jax step; `check=False` captures its output for the caller instead of failing on exit != 0."""
     print("+ " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+    return subprocess.run([sys.executable, *args], check=check, cwd=ROOT, capture_output=not check, text=True)
+
+
+def evaluate_sample(sample: Path, text: str, prompt: Path | None, out: Path, random_codec: bool) -> dict:
+    """Step 5: WER (and SIM against the prompt) of the demo's sample, through the evaluation CLI (out/eval/)."""
+    item = {"id": "sample", "text": text, "audio": str(sample), **({"prompt": str(prompt)} if prompt else {})}
+    items = out / "eval-items.jsonl"
+    items.write_text(json.dumps(item) + "\n")
+    r = _run(["-m", "valle_jax.evaluate", "--items", str(items), "--out", str(out / "eval"), "--no-progress"], check=False)
+    if r.returncode == 2:  # the evaluation models are not installed (or the list could not be read)
+        print(f"evaluation skipped: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'it did not run'}")
+        return {"evaluated": False, "meaningful": False}
+    metrics = json.loads((out / "eval" / "metrics.jsonl").read_text().splitlines()[0])
+    found, message = judge_sample(metrics, text, random_codec)
+    print(message)
+    return {**found, "report": str(out / "eval" / "index.html")}
+
+
+def judge_sample(metrics: dict, text: str, random_codec: bool) -> tuple[dict, str]:
+    """What the evaluation of the sample says, and the line that tells it: `meaningful` is false when the audio
+    cannot be speech (the random codec) or no transcript was made."""
+    found = {"evaluated": True, "wer": metrics["wer"], "cer": metrics["cer"], "sim": metrics["sim"],
+             "transcript": metrics["transcript"], "meaningful": not random_codec and metrics["wer"] is not None}  # fmt: skip
+    if random_codec:
+        return found, (f"evaluation: the sample was decoded by a RANDOM codec (no real EnCodec weights here), so it is "
+                       f"not speech: its WER ({metrics['wer']}) and transcript ({metrics['transcript']!r}) say nothing "
+                       "about the model")  # fmt: skip
+    return found, f"evaluation: WER {metrics['wer']} against {text!r} (transcript {metrics['transcript']!r}), SIM {metrics['sim']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if random_seed is not None:
         cmd += ["--random-codec", str(random_seed)]
     _run(cmd)
+    evaluation = evaluate_sample(out / "sample.wav", args.text, prompt, out, random_seed is not None)
     print(json.dumps({"plot": str(run / "curves.png"), "sample": str(out / "sample.wav"), "model": str(model_dir),
-                      "random_codec": random_seed is not None}))  # fmt: skip
+                      "random_codec": random_seed is not None, "evaluation": evaluation}))  # fmt: skip
     return 0
 
 

@@ -16,6 +16,7 @@ tokens the NAR and the codec get), `codec_codes` (what the codec may decode).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -35,7 +36,25 @@ SILENCE_RMS = 1e-4  # a prompt quieter than this (float samples in [-1, 1]) is t
 
 
 class ItemError(ValueError):
-    """One item cannot be synthesized (bad input); a job records it and goes on."""
+    """One item cannot be synthesized (bad input); a job records it and goes on.  Permanent: the same input fails
+    the same way again (see `error_kind`)."""
+
+
+PERMANENT, TRANSIENT = "permanent", "transient"
+
+
+def error_kind(error: BaseException) -> str:
+    """TRANSIENT for a failure a retry may not meet again (the codec sidecar crashed or timed out, memory ran
+    out), PERMANENT for anything else (bad input: the same item fails the same way)."""
+    from valle_jax.worker import WorkerCrashError, WorkerTimeoutError
+
+    if isinstance(error, (WorkerCrashError, WorkerTimeoutError, MemoryError)):
+        return TRANSIENT
+    text = f"{type(error).__name__}: {error}"
+    # XLA reports an exhausted device as RESOURCE_EXHAUSTED; torch (in the codec sidecar) as OutOfMemoryError
+    if "RESOURCE_EXHAUSTED" in text or "OutOfMemoryError" in text or "out of memory" in text.lower():
+        return TRANSIENT
+    return PERMANENT
 
 
 def _stage_name(setting: str, stage: str) -> str:
@@ -46,6 +65,13 @@ def _stage_name(setting: str, stage: str) -> str:
 AR_KEYS = {_stage_name(s, "ar"): s for s in sampling.SETTINGS}  # manifest/CLI name -> AR sampler setting
 NAR_KEYS = {_stage_name(s, "nar"): s for s in sampling.NAR_SETTINGS}
 ITEM_KEYS = {"id", "text", "prompt", "codes", "language", "max_ar_steps"} | set(AR_KEYS) | set(NAR_KEYS)
+
+# Sampler settings with a range narrower than "any finite number": the values that would crash or give NaN
+# (a zero or negative divisor or base); everything the reference gives a meaning to is accepted.
+_POSITIVE_SETTINGS = ("repetition_penalty", "dry_base")
+_NON_NEGATIVE_SETTINGS = ("dry_allowed_length",)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclass(frozen=True)
@@ -160,16 +186,68 @@ def codec_codes(codes: np.ndarray, cfg: ModelConfig, levels: int | None = None) 
     return np.clip(codes, 0, cfg.audio_tokens - 1).astype(np.int16)
 
 
+def _shown(value: Any) -> str:
+    """A manifest value as JSON writes it (null, "abc", Infinity), for messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_setting(name: str, setting: str, value: Any) -> float | int:
+    """One sampler setting (`name` as the manifest or CLI spells it) checked for type and range; ItemError
+    naming it and what is expected."""
+    if setting in sampling.INT_SETTINGS:
+        if not isinstance(value, int) or isinstance(value, bool) or abs(value) > _INT32_MAX:
+            raise ItemError(f"field {name!r} = {_shown(value)}: expected an integer")
+    elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ItemError(f"field {name!r} = {_shown(value)}: expected a finite number")
+    if setting in _POSITIVE_SETTINGS and not value > 0:
+        raise ItemError(f"field {name!r} = {_shown(value)}: expected a number > 0")
+    if setting in _NON_NEGATIVE_SETTINGS and value < 0:
+        raise ItemError(f"field {name!r} = {_shown(value)}: expected an integer >= 0")
+    return value
+
+
 def item_settings(item: Mapping[str, Any], keys: Mapping[str, str]) -> dict:
     """The sampler settings an item sets (manifest names in `keys` -> setting names), checked."""
-    out = {}
-    for name, setting in keys.items():
-        if name in item:
-            value = item[name]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ItemError(f"field {name!r} = {value!r}: expected a number")
-            out[setting] = value
-    return out
+    return {setting: check_setting(name, setting, item[name]) for name, setting in keys.items() if name in item}
+
+
+def check_max_ar_steps(value: Any, limit: int) -> int:
+    """An item's `max_ar_steps`: an integer from 1 to the job's limit (which sizes the decoding cache)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise ItemError(f"field 'max_ar_steps' = {_shown(value)}: expected an integer from 1 to {limit} "
+                        "(the job's --max-ar-steps; raise it for longer items)")  # fmt: skip
+    return value
+
+
+def _paths(name: str, value: Any) -> list[str]:
+    """A manifest path field: one path or a non-empty list of paths (non-empty strings)."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise ItemError(f"field {name!r} = {_shown(value)}: expected a path or a non-empty list of paths")
+    return paths
+
+
+def check_item(item: Mapping[str, Any]) -> None:
+    """Type checks of an item's fields that need no model (ItemError naming the field): known fields only,
+    `text` and `language` strings, `prompt` a path or a list of paths, `codes` a path, and a prompt given."""
+    unknown = sorted(set(item) - ITEM_KEYS)
+    if unknown:
+        raise ItemError(f"unknown field(s) {unknown}; expected some of {sorted(ITEM_KEYS)}")
+    if "id" in item and not isinstance(item["id"], str):
+        raise ItemError(f"field 'id' = {_shown(item['id'])}: expected a string")
+    if not isinstance(item.get("text"), str):
+        raise ItemError(f"field 'text' = {_shown(item.get('text'))}: expected a string")
+    if "language" in item and not (isinstance(item["language"], str) and item["language"].strip()):
+        raise ItemError(f"field 'language' = {_shown(item['language'])}: expected a language code such as 'en'")
+    if "codes" in item and not (isinstance(item["codes"], str) and item["codes"].strip()):
+        raise ItemError(f"field 'codes' = {_shown(item['codes'])}: expected the path of a .enc/.dac codes file")
+    if "prompt" in item:
+        _paths("prompt", item["prompt"])
+    elif "codes" not in item:
+        raise ItemError("no prompt: give 'prompt' (audio path or list of paths) or 'codes'")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +326,9 @@ class Synthesizer:
         from valle_jax.text import FrontEndError, TextFrontEnd
 
         if not isinstance(text, str):
-            raise ItemError(f"field 'text' = {text!r}: expected a string")
+            raise ItemError(f"field 'text' = {_shown(text)}: expected a string")
+        if not isinstance(language, str):
+            raise ItemError(f"field 'language' = {_shown(language)}: expected a language code such as 'en'")
         if not text.strip():
             raise ItemError("empty text")
         key = (str(self.models.cfg.tokenizer), language)
@@ -273,17 +353,18 @@ class Synthesizer:
         to `settings.prompt_seconds` and `max_prompt_frames`."""
         from valle_jax.codec import ENCODE_MARGIN_SECONDS, AudioFileError, CodecFileError, read_audio, read_codes
 
-        if "codes" in item:
+        if "codes" in item:  # a codes file wins over prompt audio (which evaluation may still compare with)
+            if not isinstance(item["codes"], str) or not item["codes"].strip():
+                raise ItemError(f"field 'codes' = {_shown(item['codes'])}: expected the path of a .enc/.dac codes file")
             try:
                 codes, _ = read_codes(item["codes"])
             except (CodecFileError, OSError, ValueError, TypeError) as e:
                 raise ItemError(f"codes {item['codes']}: {e}") from None
             parts = [np.asarray(codes)]
         else:
-            paths = item.get("prompt")
-            paths = [paths] if isinstance(paths, str) else paths
-            if not paths:
+            if "prompt" not in item:
                 raise ItemError("no prompt: give 'prompt' (audio path or list of paths) or 'codes'")
+            paths = _paths("prompt", item["prompt"])
             if self.codec is None:
                 raise ItemError("prompt audio needs a codec; give 'codes' instead")
             waves = []
@@ -307,14 +388,14 @@ class Synthesizer:
         return codes[: self.settings.max_prompt_frames, : self.levels].astype(np.int32)
 
     def request(self, item_id: Any, item: Mapping[str, Any]) -> Request:
-        """Validate one manifest item and prepare it (text front end, prompt encoding); ItemError when bad."""
-        unknown = sorted(set(item) - ITEM_KEYS)
-        if unknown:
-            raise ItemError(f"unknown field(s) {unknown}; expected some of {sorted(ITEM_KEYS)}")
-        lines = self.text_ids(item.get("text"), item.get("language", self.settings.language))
+        """Validate one manifest item and prepare it (text front end, prompt encoding); ItemError naming the field
+        when bad.  Every field is checked (type and range) before any work, so a bad item costs nothing."""
+        check_item(item)
+        steps = check_max_ar_steps(item.get("max_ar_steps", self.settings.max_ar_steps), self.settings.max_ar_steps)
+        ar, nar = item_settings(item, AR_KEYS), item_settings(item, NAR_KEYS)
+        lines = self.text_ids(item["text"], item.get("language", self.settings.language))
         prom = self.prompt_codes(item)
-        steps = item.get("max_ar_steps", self.settings.max_ar_steps)
-        return Request(item_id, lines, prom, int(steps), item_settings(item, AR_KEYS), item_settings(item, NAR_KEYS))
+        return Request(item_id, lines, prom, steps, ar, nar)
 
     # ----- generation
     def run(self, requests: Sequence[Request], progress: bool = True) -> Iterator[Output]:
