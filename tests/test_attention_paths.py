@@ -59,13 +59,13 @@ def test_dropout_on_a_fused_kernel_is_refused_and_the_default_is_said():
 def test_attention_path_names_what_runs():
     splash = ModelConfig(attention_impl="splash")
     assert attention_path(splash, 256, cached=False) == "splash"
-    assert attention_path(splash, 200, cached=False) == "xla"  # not a multiple of the kernel's 128-row tile
+    assert attention_path(splash, 200, cached=False) == "splash"  # padded to the kernel's 128-row tile
     assert attention_path(splash, 256, cached=True) == "xla"  # KV-cached decoding
     assert attention_path(ModelConfig(attention_impl="cudnn"), 200, cached=False) == "cudnn"
     assert attention_path(ModelConfig(), 256, cached=False) == "xla"  # auto never resolved
 
 
-def _qkv(B=2, S=128, H=4, K=2, Dh=64, seed=0):
+def _qkv(B=2, S=200, H=4, K=2, Dh=64, seed=0):
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(B, S, H, Dh)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32)
@@ -97,7 +97,7 @@ def _tiny(impl):
     return dataclasses.replace(cfg, dtype="float32")
 
 
-def _batch(cfg, rows=128):
+def _batch(cfg, rows=150):
     items = []
     for t, p, r, level in ((10, 30, 60, 0), (7, 20, 40, 3)):
         rng = np.random.default_rng(t)

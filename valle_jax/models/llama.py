@@ -116,10 +116,12 @@ def attend_splash(q_BSHD: Array, k_BSKD: Array, v_BSKD: Array, valid_BS: Array, 
     (`shard_map` over the batch and head axes of the rules table). `interpret`: Pallas interpret mode (CPU)."""
     B, S, H, Dh = q_BSHD.shape
     K = k_BSKD.shape[2]
-    q = jnp.swapaxes(q_BSHD * jnp.asarray(Dh**-0.5, q_BSHD.dtype), 1, 2)  # [B, H, S, Dh]
-    k = jnp.swapaxes(jnp.repeat(k_BSKD, H // K, axis=2), 1, 2)
-    v = jnp.swapaxes(jnp.repeat(v_BSKD, H // K, axis=2), 1, 2)
-    seg = valid_BS.astype(jnp.int32)
+    pad = -S % SPLASH_BLOCK  # rows up to the kernel's tile: padding rows (segment 0) only see padding
+    rows = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    q = jnp.swapaxes(rows(q_BSHD * jnp.asarray(Dh**-0.5, q_BSHD.dtype)), 1, 2)  # [B, H, S', Dh]
+    k = jnp.swapaxes(rows(jnp.repeat(k_BSKD, H // K, axis=2)), 1, 2)
+    v = jnp.swapaxes(rows(jnp.repeat(v_BSKD, H // K, axis=2)), 1, 2)
+    seg = rows(valid_BS.astype(jnp.int32))
     local = functools.partial(_splash_local, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
@@ -130,17 +132,15 @@ def attend_splash(q_BSHD: Array, k_BSKD: Array, v_BSKD: Array, valid_BS: Array, 
         spec = P(*(tuple(spec) + (None,) * (4 - len(spec))))
         seg_spec = P(spec[0], None)
         local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
-    return jnp.swapaxes(local(q, k, v, seg), 1, 2).astype(q_BSHD.dtype)
+    return jnp.swapaxes(local(q, k, v, seg), 1, 2)[:, :S].astype(q_BSHD.dtype)
 
 
 def attention_path(cfg: ModelConfig, n_rows: int, cached: bool) -> str:
     """The attention computation a call really runs (a pure function of static facts, so logs and benchmarks name
-    the path that ran): "cudnn" / "splash" for a teacher-forced pass on those kernels (splash only for a row count
-    that is a multiple of its tile), else "xla" (KV-cached passes, `auto` never resolved, other lengths)."""
+    the path that ran): "cudnn" / "splash" for a teacher-forced pass on those kernels (splash pads the rows to its
+    128-row tile), else "xla" (KV-cached passes, `auto` never resolved)."""
     impl = str(cfg.attention_impl)
     if cached or impl in ("xla", "auto"):
-        return "xla"
-    if impl == "splash" and n_rows % SPLASH_BLOCK:
         return "xla"
     return impl
 
