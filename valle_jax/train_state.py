@@ -24,6 +24,7 @@ draws the same masks. Activations are constrained by logical axis names under th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -178,9 +179,21 @@ class Trainer:
         self._init = jax.jit(self._in_mesh(self._init_fn), out_shardings=self.state_sharding)
         self._from_params = jax.jit(self._in_mesh(self._from_params_fn), in_shardings=(self.param_sharding, r),
                                     out_shardings=self.state_sharding)  # fmt: skip
-        self._train_step = jax.jit(self._in_mesh(self._train_step_fn), in_shardings=(self.state_sharding, self.batch_sharding),
-                                   out_shardings=(self.state_sharding, r), donate_argnums=(0,))  # fmt: skip
-        self._eval_step = jax.jit(self._in_mesh(self._eval_fn), in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=r)
+        self._steps: dict[int | None, tuple[Callable, Callable]] = {}
+        self._train_step, self._eval_step = self.compiled_steps(None)
+
+    def compiled_steps(self, n_rows: int | None) -> tuple[Callable, Callable]:
+        """(train step, eval step) jitted for batches whose model runs `n_rows` sequence rows (a bucket's length;
+        None: as many as the batch's padded arrays assemble)."""
+        if n_rows not in self._steps:
+            r = self.replicated
+            train = jax.jit(self._in_mesh(functools.partial(self._train_step_fn, n_rows=n_rows)),
+                            in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=(self.state_sharding, r),
+                            donate_argnums=(0,))  # fmt: skip
+            evaluate = jax.jit(self._in_mesh(functools.partial(self._eval_fn, n_rows=n_rows)),
+                               in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=r)  # fmt: skip
+            self._steps[n_rows] = (train, evaluate)
+        return self._steps[n_rows]
 
     def _in_mesh(self, fn: Callable) -> Callable:
         """`fn` traced with the mesh set, so activations get their shardings (`parallel.constrain`)."""
@@ -225,19 +238,16 @@ class Trainer:
         return self._from_params(params, jnp.asarray(step, jnp.int32))
 
     # ----- forward / loss -----
-    def _forward(self, params, batch: Batch, key, deterministic: bool, step):
+    def _forward(self, params, batch: Batch, key, deterministic: bool, step, n_rows: int | None = None):
         with nn.logical_axis_rules(self.rules):
             rngs = None if deterministic else {"dropout": key}
-            logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
+            logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, n_rows=n_rows, rngs=rngs)
         total, metrics = self.loss_fn(self.mcfg, logits, batch, step)
         return total, batch_stats(self.mcfg, logits, batch, metrics, lay.length)
 
-    def _loss_fn(self, params, batch, key, step):
-        return self._forward(params, batch, key, False, step)
-
-    def _grads(self, params, batch: Batch, key, step):
+    def _grads(self, params, batch: Batch, key, step, n_rows: int | None = None):
         A = self.cfg.train.grad_accum
-        grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, b, k, s: self._forward(p, b, k, False, s, n_rows), has_aux=True)
         if A == 1:
             (total, stats), grads = grad_fn(params, batch, key, step)
             return total, stats, grads
@@ -258,13 +268,13 @@ class Trainer:
         (total, stats, grads), _ = jax.lax.scan(body, zeros, (tuple(micro), jnp.arange(A)))
         return total / A, stats, jax.tree.map(lambda g: g / A, grads)
 
-    def _train_step_fn(self, state: State, batch: Batch):
+    def _train_step_fn(self, state: State, batch: Batch, n_rows: int | None = None):
         """One update, or none: a step whose loss or gradient is not finite keeps params and optimizer state; once
         `train.max_bad_steps` such steps are in a row the state is frozen (`stopped` in the metrics: the host,
         which reads metrics late to never wait on the device, then stops at exactly that step)."""
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
-        total, stats, grads = self._grads(state["params"], batch, key, step)
+        total, stats, grads = self._grads(state["params"], batch, key, step, n_rows)
         grad_norm = optax.tree.norm(grads)
         stopped = state["bad_steps"] >= self.cfg.train.max_bad_steps
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -284,8 +294,8 @@ class Trainer:
                    "skipped": new_state["skipped"], "step": step + 1, **stats}  # fmt: skip
         return new_state, metrics
 
-    def _eval_fn(self, params, batch: Batch):
-        total, stats = self._forward(params, batch, None, True, jnp.int32(-1))
+    def _eval_fn(self, params, batch: Batch, n_rows: int | None = None):
+        total, stats = self._forward(params, batch, None, True, jnp.int32(-1), n_rows)
         return {"loss": total, **stats}
 
     # ----- public steps -----
@@ -301,7 +311,7 @@ class Trainer:
     def train_step(self, state: State, local_batch: dict | Batch) -> tuple[State, dict]:
         """One optimizer step on a host-local batch; returns (new state, metrics as device arrays). The given
         state's buffers are donated to the new one: do not use it again."""
-        return self._train_step(state, self.device_batch(local_batch))
+        return self.compiled_steps(batch_rows(local_batch))[0](state, self.device_batch(local_batch))
 
     def attention_path(self, n_rows: int) -> str:
         """The attention computation a training step over `n_rows` rows runs (models.llama.attention_path)."""
@@ -312,11 +322,19 @@ class Trainer:
         return attention_path(self.mcfg, n_rows, cached=False)
 
     def eval_step(self, state: State, local_batch: dict | Batch) -> dict:
-        return self._eval_step(state["params"], self.device_batch(local_batch))
+        return self.compiled_steps(batch_rows(local_batch))[1](state["params"], self.device_batch(local_batch))
 
     def learning_rate(self, good_steps: int) -> float:
         """The schedule's value after `good_steps` applied updates (host-side, no device work)."""
         return schedule_value(self.cfg.train, good_steps)
+
+
+def batch_rows(local: Any) -> int | None:
+    """The sequence rows a pipeline batch asks the model to run (its `rows` entry: the bucket's length), or None."""
+    if isinstance(local, dict) and "rows" in local:
+        rows = np.asarray(local["rows"]).reshape(-1)
+        return int(rows[0]) if rows.size else None
+    return None
 
 
 def summarize(stats: list[dict], resp_levels: int) -> dict:
