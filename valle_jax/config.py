@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -579,13 +580,19 @@ def _assign(data: dict, key: str, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """`key=value` -> (key, value parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e30 as a string
+            value = float(value)
+        return key.strip(), value
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
 
@@ -672,7 +679,9 @@ class DataConfig:
 
     path: str = "data/demo"  # directory with the shards and metadata written by `prepare`
     eval_path: str | None = None  # default: the held-out split inside `path`
-    batch_tokens: int = 8192  # token budget per batch (rows of the assembled sequences, padding included)
+    # token budget per global batch (rows of the assembled sequences, padding included); None: per platform,
+    # data.batching.DEFAULT_BATCH_TOKENS per batch shard (CPU 8192, GPU 32768, TPU 16384)
+    batch_tokens: int | None = None
     max_batch: int = 64
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # static sequence lengths
     prompt_duration_range: tuple[float, ...] = (3.0, 6.0)  # seconds (spec 8.5)
@@ -687,7 +696,8 @@ class DataConfig:
     def __post_init__(self):
         _freeze(self)
         w = "data"
-        for name in ("batch_tokens", "max_batch", "batch_multiple"):
+        _number(self, "batch_tokens", w, kind=int, lo=1, optional=True)
+        for name in ("max_batch", "batch_multiple"):
             _number(self, name, w, kind=int, lo=1)
         for name in ("max_prompts", "num_workers", "seed"):
             _number(self, name, w, kind=int, lo=0)

@@ -57,21 +57,32 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def write_eval_samples(state: dict, step: int, **context: Any) -> None:
+def write_eval_samples(state: dict, step: int, **context: Any) -> dict | None:
     """Called at every eval on every process (after the teacher-forced eval): the primary process synthesizes
-    `train.eval_samples` held-out utterances under `run_dir/samples/<step>/` (valle_jax.eval_samples).
-    `context`: cfg, model_cfg, run_dir, trainer, primary."""
+    `train.eval_samples` held-out utterances under `run_dir/samples/<step>/` (valle_jax.eval_samples) and, with
+    `train.eval_metrics`, evaluates them; returns the log fields (wer, cer, sim) then, else None.
+    `context`: cfg, model_cfg, run_dir, trainer, primary, evaluator (a started valle_jax.evaluate.Evaluator or None),
+    say."""
     cfg = context["cfg"]
     if cfg.train.eval_samples <= 0 or cfg.data.path == "synthetic":
-        return
+        return None
     from valle_jax import parallel
-    from valle_jax.eval_samples import write_samples
+    from valle_jax.eval_samples import metrics_record, write_samples
 
     params = parallel.to_host(state["params"])  # a collective in multi-process runs: every process takes part
-    if context.get("primary", True):
-        files = write_samples(cfg, context["model_cfg"], params, Path(context["run_dir"]), step)
-        if files:
-            print(f"eval samples @ {step}: {len(files)} written to {files[0].parent}", flush=True)
+    if not context.get("primary", True):
+        return None
+    say = context.get("say", print)
+    out = write_samples(cfg, context["model_cfg"], params, Path(context["run_dir"]), step, say=say,
+                        evaluator=context.get("evaluator"))  # fmt: skip
+    if out.files:
+        say(f"eval samples @ {step}: {len(out.files)} written to {out.files[0].parent}")
+    if out.metrics is not None:
+        rec = metrics_record(out.metrics)
+        say(f"eval samples @ {step}: WER {rec['wer']}, CER {rec['cer']}, SIM {rec['sim']} "
+            f"(report {Path(context['run_dir']) / 'samples' / str(step) / 'eval' / 'index.html'})")  # fmt: skip
+        return rec
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,12 +412,32 @@ class Evaluator:
         self.cfg, self.trainer, self.data_fn, self.log, self.bar, self.say = cfg, trainer, data_fn, log, bar, say
         self.run_dir, self.primary = run_dir, primary
         self.enabled = cfg.train.eval_every > 0
+        self._metrics: Any = None
+        self._metrics_failed = False
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.cfg.train.eval_every == 0
 
+    def metrics_evaluator(self) -> Any:
+        """`train.eval_metrics`: one started valle_jax.evaluate.Evaluator for the whole run (the ASR and speaker
+        models load once), on the primary process; None when off or when the models cannot be had (said once)."""
+        if not (self.cfg.train.eval_metrics and self.primary) or self._metrics_failed:
+            return None
+        if self._metrics is None:
+            from valle_jax.evaluate import EvalSettings, Evaluator as MetricsEvaluator
+
+            try:
+                self._metrics = MetricsEvaluator(EvalSettings(progress=False)).start()
+            except Exception as e:  # noqa: BLE001 - a missing model must not stop training: say so, go on
+                self._metrics_failed = True
+                self.say(f"train.eval_metrics: no WER/SIM ({type(e).__name__}: {e})")
+                return None
+        return self._metrics
+
     def close(self) -> None:
-        pass
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def __call__(self, state: dict, step: int) -> float:
         """Evaluate; returns the seconds it took."""
@@ -438,8 +469,11 @@ class Evaluator:
             self.log.write(rec)
             per_level = " ".join(f"L{k}:{rec[f'loss_L{k}']:.3f}" for k in range(levels) if f"loss_L{k}" in rec)
             (self.bar.write if self.bar else self.say)(f"eval @ {step}: loss {rec['loss']:.4f} acc {rec['acc']:.4f} [{per_level}]")
-        write_eval_samples(state, step, cfg=self.cfg, model_cfg=self.trainer.mcfg, run_dir=self.run_dir,
-                           trainer=self.trainer, primary=self.primary)  # fmt: skip
+        sample_metrics = write_eval_samples(state, step, cfg=self.cfg, model_cfg=self.trainer.mcfg, run_dir=self.run_dir,
+                                            trainer=self.trainer, primary=self.primary, evaluator=self.metrics_evaluator(),
+                                            say=self.bar.write if self.bar else self.say)  # fmt: skip
+        if sample_metrics is not None:
+            self.log.write({"split": "eval_samples", "step": step, **sample_metrics, "time": time.time()})
         self.log.plot(force=True)
         return time.time() - t0
 
@@ -548,9 +582,13 @@ def _train(cfg: Config, run_dir: Path, data_fn: DataFn | None, loss_fn: Callable
     trainer = Trainer(cfg, loss_fn=loss_fn)
     say(f"valle_jax.train: mesh {parallel.describe(trainer.mesh)}; run dir {run_dir}")
     say(f"model: {describe_attention(trainer.mcfg)}")
-    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds to this multiple
+    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds to this multiple;
+    # data.batch_tokens unset: the platform's budget per batch shard (data.batching.DEFAULT_BATCH_TOKENS)
+    from valle_jax.data.batching import default_batch_tokens
+
     multiple = math.lcm(cfg.data.batch_multiple, trainer.batch_divisor)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple))
+    budget = cfg.data.batch_tokens or default_batch_tokens(trainer.platform, parallel.batch_divisor(trainer.mesh, trainer.rules))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple, batch_tokens=budget))
     train_it = data_fn(cfg, "train", pi, pc)
     lr_origin = 0
     if resuming:
