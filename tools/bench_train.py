@@ -190,7 +190,9 @@ def tpu_aot(args) -> int:
     from valle_jax.train_state import Trainer
 
     try:
-        topo = topologies.get_topology_desc(args.tpu_aot, "tpu")
+        # v4 and v5p chips hold two TensorCores, run as one device ("megacore"), as a training job runs them
+        extra = {"chip_config_name": "megacore"} if args.tpu_aot.lower().startswith(("v4", "v5p")) else {}
+        topo = topologies.get_topology_desc(args.tpu_aot, "tpu", **extra)
     except Exception as e:  # noqa: BLE001
         emit({**base, "ok": False, "why": f"no TPU topology {args.tpu_aot!r}: {type(e).__name__}: {e}"})
         return 1

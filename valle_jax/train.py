@@ -3,23 +3,30 @@
 The run directory (`train.run_dir`) holds:
     config.yaml          the resolved run config (model block as trained: the checkpoint's with `init_from`)
     checkpoints/<step>/  orbax: train state + data iterator state of every process + metadata (keep-last-N)
-    metrics.jsonl        one JSON object per log interval ("split": "train") and per eval ("split": "eval")
+    metrics.jsonl        one JSON object per log interval ("split": "train"), per eval ("split": "eval") and, with
+                         train.eval_metrics, per evaluation of the eval samples ("split": "eval_samples");
+                         strict JSON (non-finite values are null)
+    checkpoint_health.json  which checkpoints' params gave a finite next step (healthy) or not
     tensorboard/         TensorBoard scalars (tensorboardX)
     curves.png           loss and accuracy curves (matplotlib)
     model/, model.sft    at the end: a valle_jax model directory and its export in the reference format
                          (`model.pth` when fine-tuned from a .pth); dtype `train.export_dtype`
     reference.json       metadata of the `init_from` reference checkpoint (kept for the export)
 
-A run resumes by itself from the newest complete checkpoint in its run directory (the model block then
+A run resumes by itself from the newest usable checkpoint in its run directory (the model block then
 comes from that checkpoint; data, train and mesh settings from the current config, so `train.steps=...`
-extends a run). Otherwise it starts from scratch, or from `train.init_from` (a valle_jax model directory or a
+extends a run). A checkpoint that does not fit the current config is refused (exit 2) with what differs:
+`train.restore=params` keeps its params with a fresh optimizer state, `train.restart=true` starts over (moving the
+checkpoints aside). Only unreadable checkpoints are set aside; unhealthy ones are passed over. Otherwise it starts from scratch, or from `train.init_from` (a valle_jax model directory or a
 reference .sft/.pth): the model block then comes from that checkpoint, and of the run config's model block
 only training-time fields that differ from their defaults are applied (`INIT_FROM_FIELDS`). Attention heads cannot
 be read from weights: a reference file takes the run config's `model.heads` when set, else dim / 64 (releases).
 
 SIGTERM or SIGINT (preemption): the current step finishes, a checkpoint is written, the process exits 0
-(a second SIGINT interrupts at once). A NaN/inf loss or gradient skips the update; after
-`train.max_bad_steps` such steps in a row the run saves and stops with exit status 3.
+(a second SIGINT interrupts at once). A NaN/inf loss or gradient skips the update; at the step where
+`train.max_bad_steps` such steps are in a row the run stops with exit status 3, saving nothing from the bad steps
+(a rerun resumes from the newest healthy checkpoint). The loop never waits for the device: metrics are read, and
+processes agree on a stop, at log, save and eval steps only.
 
 Data: `data.path: synthetic` uses `valle_jax.data.synthetic`; anything else `valle_jax.data.pipeline`.
 Both offer `make_iterator(cfg, split, process_index, process_count)` -> a grain DatasetIterator of host-local
@@ -336,11 +343,11 @@ class MetricsWindow:
 
     def push(self, m_dev: dict) -> None:
         """Queue a step's device metrics; their copy to the host starts now, nobody waits for it."""
-        for leaf in jax_leaves(m_dev):
-            try:
+        import jax
+
+        for leaf in jax.tree.leaves(m_dev):
+            if hasattr(leaf, "copy_to_host_async"):
                 leaf.copy_to_host_async()
-            except AttributeError:
-                pass
         self.pending.append(m_dev)
 
     def flush(self) -> str | None:
@@ -395,12 +402,6 @@ class MetricsWindow:
             self.window.clear()
             self.start, self.tokens, self.steps = time.time(), 0.0, 0
         return diverged
-
-
-def jax_leaves(tree: Any) -> list:
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 class Evaluator:
