@@ -247,19 +247,17 @@ def test_finding1_a_changed_setting_never_destroys_the_run(tmp_path, env):
         assert needle in line, (needle, line)
     assert checkpoint_steps(run_dir) == [2, 4] and not any("unreadable" in p.name for p in (run_dir / "checkpoints").iterdir())
     assert {name: (run_dir / name).read_bytes() for name in before} == before
-    rc, out = run(run_dir, env, *base, "train.steps=6")  # the run itself is intact: it resumes
-    assert rc == 0 and "resumed from checkpoint 4" in out, out[-4000:]
 
-    rc, out = run(run_dir, env, *base, "train.steps=8", "train.optimizer=prodigy", "train.restore=params")
+    rc, out = run(run_dir, env, *base, "train.steps=6", "train.optimizer=prodigy", "train.restore=params")
     assert rc == 0, out[-4000:]
-    assert "resumed from checkpoint 6 " in out and "with a fresh optimizer state (train.restore=params)" in out
-    assert checkpoint_steps(run_dir) == [4, 6, 8]
+    assert "resumed from checkpoint 4 " in out and "with a fresh optimizer state (train.restore=params)" in out
+    assert checkpoint_steps(run_dir) == [2, 4, 6]
 
     rc, out = run(run_dir, env, *base, "train.steps=2", "train.optimizer=prodigy", "train.restart=true")
     assert rc == 0, out[-4000:]
     assert "started from scratch" in out and "train.restart" in out
     old = [p for p in run_dir.iterdir() if p.name.startswith("checkpoints.replaced-")]
-    assert len(old) == 1 and sorted(int(p.name) for p in old[0].iterdir() if p.name.isdigit()) == [4, 6, 8]
+    assert len(old) == 1 and sorted(int(p.name) for p in old[0].iterdir() if p.name.isdigit()) == [2, 4, 6]
     assert checkpoint_steps(run_dir) == [2]
 
 
