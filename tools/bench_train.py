@@ -5,6 +5,7 @@
         [--grad-accum 1] [--optimizer adamw|prodigy] [--steps 10] [--warmup 3] [--profile DIR]
         [--peak-tflops 989 | --peak h200-measured] [section.key=value ...]
     python tools/bench_train.py --tpu-aot v5e:2x4 [...]   # compile for a TPU topology from this machine (needs libtpu)
+    PYTHONPATH=DIR JAX_PLATFORMS=cpu python tools/bench_train.py --tpu-aot v4:2x2x1   # v4-8 (4 megacore chips)
 
 MFU is reported twice: against a matmul peak measured in the same run (`matmul_tflops_measured`: an N^3 matmul in
 the compute dtype, N = --matmul-n) and against the vendor's dense peak (`mfu_vendor`). `attention` names the path
@@ -179,8 +180,8 @@ def tpu_aot(args) -> int:
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        emit({**base, "ok": False, "why": "libtpu is not installed here (pip install 'jax[tpu]' brings the matching "
-              "libtpu; the compile-only TPU client needs it)"})  # fmt: skip
+        emit({**base, "ok": False, "why": "libtpu is not importable here: for jax 0.10.2, `pip install --no-deps --target "
+              "DIR 'libtpu==0.0.42.*'` and run with PYTHONPATH=DIR (kept out of the venv, so CPU runs never probe a TPU)"})  # fmt: skip
         return 0
     import jax
     from jax.experimental import topologies
