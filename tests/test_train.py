@@ -172,26 +172,134 @@ def saved_state(run_dir: Path, step: int) -> dict:
         return jax.tree.map(np.asarray, ckptr.restore(run_dir / "checkpoints" / str(step) / "state"))
 
 
-def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, env):
+def strict_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as strict JSON: a bare NaN or Infinity fails here (json.loads would accept them)."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adam_count(state: dict) -> int:
+    """Updates applied, as the optimizer counted them (AdamW's `count`)."""
+    flat = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+    return int(next(x for path, x in flat if "count" in jax.tree_util.keystr(path)))
+
+
+def health(run_dir: Path) -> dict[int, bool]:
+    return {int(k): v for k, v in json.loads((run_dir / "checkpoint_health.json").read_text()).items()}
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run_at_exactly_max_bad_steps(tmp_path, env):
+    """Issue 9 finding 2 with injected NaN: skipped steps change nothing, the run stops at the 3rd bad step in a row
+    (not one later), no checkpoint is written during a bad streak, checkpoints are marked healthy or not by the
+    step after them, metrics.jsonl stays strict JSON, and a plain rerun resumes from the newest healthy one."""
     run_dir = tmp_path / "nan"
     rc, out = run(run_dir, env, "train.schedule=constant", "train.steps=50", "train.max_bad_steps=3", "train.eval_every=0",
                   "train.save_every=1", "train.keep_checkpoints=0", nan_steps="3,6,7,8")  # fmt: skip
     assert rc == 3, out[-4000:]
     assert "step 3: loss nan" in out and "update skipped (1 in a row, 1 in total)" in out
     assert "update skipped (3 in a row, 4 in total)" in out
-    assert "training diverged: 3 steps in a row (train.max_bad_steps = 3)" in out
-    recs = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-    assert recs[2]["skipped"] == 0 and recs[3]["skipped"] == 1 and recs[4]["skipped"] == 1 and recs[8]["skipped"] == 4
-    assert max(recs) == 9  # stopped right after the 3rd bad step in a row (metrics are read one step behind)
-    assert checkpoint_steps(run_dir) == list(range(1, 10)) and not (run_dir / "model").exists()
-    # a skipped step leaves params and optimizer state exactly as they were; a good one changes them
-    s = {k: saved_state(run_dir, k) for k in (2, 3, 4, 5, 8)}
-    assert [int(s[k]["step"]) for k in s] == [2, 3, 4, 5, 8]
-    assert [int(s[k]["skipped"]) for k in s] == [0, 1, 1, 1, 4] and int(s[8]["bad_steps"]) == 3
-    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
-    for a, b in ((2, 3), (5, 8)):
-        assert same(s[a]["params"], s[b]["params"]) and same(s[a]["opt_state"], s[b]["opt_state"]), (a, b)
-    assert not same(s[3]["params"], s[4]["params"])
+    assert "training diverged: 3 steps in a row (train.max_bad_steps = 3)" in out and "the last at step 8" in out
+    assert "a rerun resumes from checkpoint 4 (healthy" in out
+    recs = {r["step"]: r for r in strict_records(run_dir)}
+    assert sorted(recs) == list(range(1, 9))  # stopped at exactly the 3rd bad step in a row
+    assert recs[3]["loss"] is None and recs[2]["skipped"] == 0 and recs[3]["skipped"] == 1 and recs[8]["skipped"] == 4
+    # saved at good steps only; checkpoint s is healthy when step s + 1 was finite
+    assert checkpoint_steps(run_dir) == [1, 2, 4, 5] and not (run_dir / "model").exists()
+    assert health(run_dir) == {1: True, 2: False, 4: True, 5: False}
+    s = {k: saved_state(run_dir, k) for k in (2, 4, 5)}
+    assert [int(s[k]["skipped"]) for k in s] == [0, 1, 1]
+    assert [adam_count(s[k]) for k in s] == [2, 3, 4]  # step 3 applied nothing
+    assert not np.array_equal(s[2]["params"]["sep"], s[4]["params"]["sep"])
+
+    rc, out = run(run_dir, env, "train.schedule=constant", "train.steps=7", "train.eval_every=0", "train.save_every=100",
+                  "train.keep_checkpoints=0")  # fmt: skip
+    assert rc == 0, out[-4000:]
+    assert "resumed from checkpoint 4 " in out and "done: 7 steps" in out
+    assert checkpoint_steps(run_dir) == [1, 2, 4, 7]  # 5 (unhealthy, passed over) moved aside, not reused
+    assert any(p.name.startswith("5.unhealthy-") for p in (run_dir / "checkpoints").iterdir())
+    assert [r["step"] for r in strict_records(run_dir)] == list(range(1, 8))
+
+
+def one_line_error(out: str) -> str:
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out, out[-4000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_finding1_a_changed_setting_never_destroys_the_run(tmp_path, env):
+    """Resuming with another optimizer: refused (exit 2) with what differs and the ways on, nothing set aside or
+    overwritten; train.restore=params goes on with a fresh optimizer; train.restart=true starts over, moving the
+    old checkpoints aside."""
+    run_dir = tmp_path / "run"
+    base = ("train.schedule=constant", "train.eval_every=0", "train.save_every=2", "train.keep_checkpoints=3")
+    rc, out = run(run_dir, env, *base, "train.steps=4")
+    assert rc == 0, out[-4000:]
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "model.sft")}
+
+    rc, out = run(run_dir, env, *base, "train.steps=6", "train.optimizer=prodigy")
+    assert rc == 2, out[-4000:]
+    line = one_line_error(out)
+    for needle in ("checkpoint 4", "does not fit the current config", "train.optimizer: 'adamw' -> 'prodigy'",
+                   "train.restore=params", "train.restart=true", "another train.run_dir"):  # fmt: skip
+        assert needle in line, (needle, line)
+    assert checkpoint_steps(run_dir) == [2, 4] and not any("unreadable" in p.name for p in (run_dir / "checkpoints").iterdir())
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+    rc, out = run(run_dir, env, *base, "train.steps=6", "train.optimizer=prodigy", "train.restore=params")
+    assert rc == 0, out[-4000:]
+    assert "resumed from checkpoint 4 " in out and "with a fresh optimizer state (train.restore=params)" in out
+    assert checkpoint_steps(run_dir) == [2, 4, 6]
+
+    rc, out = run(run_dir, env, *base, "train.steps=2", "train.optimizer=prodigy", "train.restart=true")
+    assert rc == 0, out[-4000:]
+    assert "started from scratch" in out and "train.restart" in out
+    old = [p for p in run_dir.iterdir() if p.name.startswith("checkpoints.replaced-")]
+    assert len(old) == 1 and sorted(int(p.name) for p in old[0].iterdir() if p.name.isdigit()) == [2, 4, 6]
+    assert checkpoint_steps(run_dir) == [2]
+
+
+@pytest.mark.slow
+def test_finding2_a_diverged_run_keeps_its_last_good_checkpoint_and_a_sane_retry_recovers(tmp_path, env):
+    """train.learning_rate=1e30 on resume: the first update is finite but wrecks the params; the steps after it are
+    NaN. Checkpoint 4 (healthy: its next step was finite) survives rotation, nothing from the bad steps is saved
+    as healthy, metrics.jsonl stays strict JSON, and a retry at the normal learning rate recovers."""
+    run_dir = tmp_path / "run"
+    base = ("train.schedule=constant", "train.eval_every=0", "train.keep_checkpoints=1", "train.max_bad_steps=3")
+    rc, out = run(run_dir, env, *base, "train.steps=4", "train.save_every=2")
+    assert rc == 0, out[-4000:]
+    rc, out = run(run_dir, env, *base, "train.steps=30", "train.save_every=1", "train.learning_rate=1e30")
+    assert rc == 3, out[-4000:]
+    assert "training diverged" in out and "a rerun resumes from checkpoint 4 (healthy" in out, out[-3000:]
+    recs = strict_records(run_dir)
+    assert any(r["loss"] is None for r in recs if r["split"] == "train")
+    marks = health(run_dir)
+    assert marks.get(4) is True and not any(v for s, v in marks.items() if s > 4)
+    assert 4 in checkpoint_steps(run_dir)  # kept out of rotation (keep_checkpoints=1) as the newest healthy one
+    rc, out = run(run_dir, env, *base, "train.steps=8", "train.save_every=4")
+    assert rc == 0, out[-4000:]
+    assert "resumed from checkpoint 4 " in out and "done: 8 steps" in out
+    last = [r for r in strict_records(run_dir) if r["split"] == "train"][-1]
+    assert last["step"] == 8 and last["loss"] is not None and last["loss"] < 8
+
+
+def test_finding8_missing_or_empty_dataset_and_unwritable_run_dir_are_one_line_exit_2(tmp_path, env):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data in (tmp_path / "nowhere", empty):
+        run_dir = tmp_path / f"run-{data.name}"
+        rc, out = run(run_dir, env, f"data.path={data}")
+        assert rc == 2, out[-3000:]
+        assert str(data) in one_line_error(out) and "not a prepared dataset" in out
+        assert not run_dir.exists()  # nothing left behind
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc, out = run(blocker / "run", env, "train.steps=1")
+    assert rc == 2, out[-3000:]
+    line = one_line_error(out)
+    assert "train.run_dir" in line and str(blocker / "run") in line
 
 
 def test_learning_rate_schedule_values():

@@ -1,7 +1,7 @@
 """Teacher-forced forward throughput: one JSON line per configuration.
 
     python tools/bench_forward.py [--config configs/ar+nar-llama-8.yaml | --checkpoint C] [--batch 16] [--length 1100]
-        [--dtype bfloat16] [--attention xla|cudnn] [--level 0] [--iters 10]
+        [--dtype bfloat16] [--attention auto|xla|cudnn|splash] [--level 0] [--iters 10]
 
 Random weights unless --checkpoint is given (speed does not depend on the values). Tokens/s counts every row of
 every item (batch x length) per forward pass.
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=1100)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
+                    help="auto: cuDNN on GPU, splash on TPU, XLA on CPU")
     ap.add_argument("--level", type=int, default=0)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -60,7 +61,11 @@ def main(argv=None) -> int:
     else:
         cfg = load_yaml(args.config)
         params = None
-    cfg = cfg.override({"dtype": args.dtype, "attention_impl": args.attention})
+    from valle_jax.config import runtime_config
+    from valle_jax.models.llama import attention_path
+
+    cfg = runtime_config(cfg, args.dtype, args.attention)
+    path = attention_path(cfg, args.length, cached=False) if cfg.arch_type == "llama" else cfg.arch_type
     if params is None:
         params = init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda a: jnp.asarray(a, args.dtype), params)  # weights in the compute dtype (inference)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
     print(json.dumps({
         "bench": "forward", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "model": cfg.name, "dim": cfg.d_model, "layers": cfg.n_layers, "heads": cfg.n_heads, "params": n_params,
-        "batch": args.batch, "length": args.length, "dtype": args.dtype, "attention": args.attention, "level": args.level,
+        "batch": args.batch, "length": args.length, "dtype": args.dtype, "attention": path, "level": args.level,
         "compile_s": round(compile_s, 3), "step_s": round(step, 6), "tokens_per_s": round(rows / step, 1),
         "tflops": round(2 * n_params * rows / step / 1e12, 3),
     }))  # fmt: skip

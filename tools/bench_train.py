@@ -1,10 +1,18 @@
-"""Training-step throughput: one JSON line per run (tokens/s, step time, MFU, peak memory).
+"""Training-step throughput: one JSON line per run (tokens/s, step time, MFU, the attention path that ran, memory).
 
     python tools/bench_train.py [--config configs/ar+nar-llama-8.yaml] [--batch 16] [--length 1080]
-        [--mesh data=-1,fsdp=1,tensor=1] [--dtype bfloat16] [--attention xla|cudnn] [--remat none|full|dots]
-        [--grad-accum 1] [--optimizer adamw|prodigy] [--steps 10] [--warmup 3]
+        [--mesh data=-1,fsdp=1,tensor=1] [--dtype bfloat16] [--attention auto|xla|cudnn|splash] [--remat none|full|dots]
+        [--grad-accum 1] [--optimizer adamw|prodigy] [--steps 10] [--warmup 3] [--profile DIR]
         [--peak-tflops 989 | --peak h200-measured] [section.key=value ...]
-    python tools/bench_train.py --tpu-aot v5e:2x2 [...]   # compile for a TPU topology from this machine (needs libtpu)
+    python tools/bench_train.py --tpu-aot v5e:2x4 [...]   # compile for a TPU topology from this machine (needs libtpu)
+    PYTHONPATH=DIR JAX_PLATFORMS=cpu python tools/bench_train.py --tpu-aot v4:2x2x1   # v4-8 (4 megacore chips)
+
+MFU is reported twice: against a matmul peak measured in the same run (`matmul_tflops_measured`: an N^3 matmul in
+the compute dtype, N = --matmul-n) and against the vendor's dense peak (`mfu_vendor`). `attention` names the path
+the compiled step runs (models.llama.attention_path); `attention_kernel_in_hlo` checks the compiled program for the
+fused kernel's call (cuDNN fMHA on GPU, the splash Pallas kernel on TPU). Memory: the compiled step's own
+figures (arguments, temporaries), the device's peak where it reports one, this process's peak RSS, and the bytes of
+the parameters and of the optimizer state per device.
 
 The real train step of `python -m valle_jax.train` (valle_jax.train_state.Trainer: float32 master weights,
 AdamW, clipping, NaN guard, dropout) on synthetic batches: every item is `--length` rows (text 10%, prompt
@@ -18,7 +26,8 @@ bf16 8192^3 matmul reached on the project's H200).
 
 --tpu-aot TOPOLOGY (e.g. v5e:2x2, v4:2x2x1): lower and compile the step for that TPU slice with libtpu's
 compile-only client and report the compiled memory per chip against the chip's HBM (does it fit?); runs
-nothing. Without libtpu it prints one JSON line saying why.
+nothing. Without libtpu it prints one JSON line saying why. It also reports XLA's cost analysis (FLOPs, bytes
+accessed) and a roofline estimate of tokens/s from the chip's peak FLOP/s and HBM bandwidth (on paper).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ PEAK_TFLOPS = {  # dense bf16, per device
     "v6e": 918.0,
 }
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+HBM_GBPS = {"v4": 1228.0, "v5e": 819.0, "v5p": 2765.0, "v6e": 1640.0}  # per chip, vendor figures
 
 
 def guess_peak(device_kind: str) -> float | None:
@@ -96,7 +106,69 @@ def build_config(args):
     train = dataclasses.replace(cfg.train, compute_dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum,
                                 optimizer=args.optimizer, warmup_steps=0)  # fmt: skip
     model = dataclasses.replace(cfg.model, attention_impl=args.attention)
+    if args.attention in ("cudnn", "splash"):  # a fused kernel cannot drop attention probabilities
+        model = dataclasses.replace(model, attention_dropout=0.0)
     return dataclasses.replace(cfg, train=train, mesh=parse_mesh(args.mesh), model=model)
+
+
+def kernel_in_hlo(text: str, path: str) -> bool | None:
+    """Does the compiled program call the fused attention kernel of `path`? (None: nothing to look for.)"""
+    t = text.lower()
+    if path == "cudnn":
+        return "cudnn$fmha" in t or "__cudnn$fmha" in t or "cudnn_fmha" in t
+    if path == "splash":
+        return "splash" in t or ("tpu_custom_call" in t and "flash" in t)
+    return None
+
+
+def state_bytes_per_device(abstract_tree) -> int:
+    """Bytes one device holds of a sharded abstract tree (ShapeDtypeStructs with shardings)."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(abstract_tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def measure_matmul_tflops(dtype: str, n: int, device=None, reps: int = 5) -> float:
+    """TFLOP/s of an n x n x n matmul in `dtype` on one device: the peak MFU is measured against."""
+    import jax
+    import jax.numpy as jnp
+
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / min(times) / 1e12
+
+
+def memory_fields(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")  # fmt: skip
+    m = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
+    need = (m.get("argument_size_in_bytes", 0) + m.get("output_size_in_bytes", 0) - m.get("alias_size_in_bytes", 0)
+            + m.get("temp_size_in_bytes", 0) + m.get("generated_code_size_in_bytes", 0))  # fmt: skip
+    return {"memory_per_device_gib": round(need / 2**30, 3), **{k.replace("_in_bytes", "_gib"): round(v / 2**30, 3) for k, v in m.items()}}
+
+
+def cost_fields(compiled) -> dict:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports one
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {"hlo_tflops_per_device": round(float(cost.get("flops", 0.0)) / 1e12, 4),
+            "hlo_gbytes_accessed_per_device": round(float(cost.get("bytes accessed", 0.0)) / 1e9, 3)}  # fmt: skip
 
 
 def emit(record: dict) -> None:
@@ -108,8 +180,8 @@ def tpu_aot(args) -> int:
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        emit({**base, "ok": False, "why": "libtpu is not installed here (pip install 'jax[tpu]' brings the matching "
-              "libtpu; the compile-only TPU client needs it)"})  # fmt: skip
+        emit({**base, "ok": False, "why": "libtpu is not importable here: for jax 0.10.2, `pip install --no-deps --target "
+              "DIR 'libtpu==0.0.42.*'` and run with PYTHONPATH=DIR (kept out of the venv, so CPU runs never probe a TPU)"})  # fmt: skip
         return 0
     import jax
     from jax.experimental import topologies
@@ -119,7 +191,9 @@ def tpu_aot(args) -> int:
     from valle_jax.train_state import Trainer
 
     try:
-        topo = topologies.get_topology_desc(args.tpu_aot, "tpu")
+        # v4 and v5p chips hold two TensorCores, run as one device ("megacore"), as a training job runs them
+        extra = {"chip_config_name": "megacore"} if args.tpu_aot.lower().startswith(("v4", "v5p")) else {}
+        topo = topologies.get_topology_desc(args.tpu_aot, "tpu", **extra)
     except Exception as e:  # noqa: BLE001
         emit({**base, "ok": False, "why": f"no TPU topology {args.tpu_aot!r}: {type(e).__name__}: {e}"})
         return 1
@@ -137,28 +211,40 @@ def tpu_aot(args) -> int:
         emit({**base, "ok": False, "device_kind": kind, "why": f"compile failed: {type(e).__name__}: {str(e)[:2000]}"})
         return 1
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")  # fmt: skip
-    m = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
-    need = (m.get("argument_size_in_bytes", 0) + m.get("output_size_in_bytes", 0) - m.get("alias_size_in_bytes", 0)
-            + m.get("temp_size_in_bytes", 0) + m.get("generated_code_size_in_bytes", 0))  # fmt: skip
+    mem = memory_fields(compiled)
+    cost = cost_fields(compiled)
     chip = next((n for n in HBM_GIB if n in args.tpu_aot.lower()), None)
     hbm = HBM_GIB.get(chip) if chip else None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    tokens = args.batch * args.length
+    model_tflops = model_flops_per_token(trainer.mcfg, args.length) * tokens / 1e12
+    path = trainer.attention_path(args.length)
+    roofline = {}
+    if chip and cost.get("hlo_tflops_per_device"):
+        # on paper: the step takes at least the longer of its FLOPs at peak and its bytes at HBM bandwidth
+        t_flops = cost["hlo_tflops_per_device"] / PEAK_TFLOPS[chip]
+        t_bytes = cost["hlo_gbytes_accessed_per_device"] / HBM_GBPS[chip]
+        t = max(t_flops, t_bytes)
+        roofline = {"roofline_step_s": round(t, 5), "roofline_bound": "compute" if t_flops >= t_bytes else "memory",
+                    "roofline_tokens_per_s": round(tokens / t, 0),
+                    "roofline_mfu": round(model_tflops / len(devices) / t / PEAK_TFLOPS[chip], 4),
+                    "peak_tflops_per_chip": PEAK_TFLOPS[chip], "hbm_gbps_per_chip": HBM_GBPS[chip]}  # fmt: skip
     emit({**base, "ok": True, "device_kind": kind, "n_devices": len(devices), "mesh": dict(mesh.shape),
           "compute_dtype": cfg.train.compute_dtype, "remat": cfg.train.remat, "params_M": round(n_params / 1e6, 2),
-          "compile_s": round(compile_s, 2), "memory_per_device_gib": round(need / 2**30, 3),
-          **{k.replace("_in_bytes", "_gib"): round(v / 2**30, 3) for k, v in m.items()},
-          "hbm_gib": hbm, "fits": (need / 2**30 < hbm) if hbm else None,
-          "model_tflops_per_step": round(model_flops_per_token(trainer.mcfg, args.length) * args.batch * args.length / 1e12, 3)})  # fmt: skip
+          "attention": path, "attention_kernel_in_hlo": kernel_in_hlo(compiled.as_text(), path),
+          "attention_dropout": trainer.mcfg.attention_dropout_rate, "compile_s": round(compile_s, 2), **mem,
+          "hbm_gib": hbm, "fits": (mem["memory_per_device_gib"] < hbm) if hbm else None,
+          "params_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["params"]) / 2**30, 3),
+          "opt_state_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["opt_state"]) / 2**30, 3),
+          "model_tflops_per_step": round(model_tflops, 3), **cost, **roofline})  # fmt: skip
     return 0
 
 
 def bench(args) -> int:
+    import resource
+
     import jax
 
-    from valle_jax import parallel
     from valle_jax.train_state import Trainer
 
     cfg = build_config(args)
@@ -166,43 +252,54 @@ def bench(args) -> int:
     host = synthetic_items(cfg, args.batch, args.length)
     dev = jax.devices()[0]
     state = trainer.init_state()
+    batch = trainer.device_batch(host)  # time the compiled step alone (no host-to-device copy)
     t0 = time.perf_counter()
-    state, m = trainer.train_step(state, host)
-    jax.block_until_ready(m)
+    compiled = trainer._train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
-        state, m = trainer.train_step(state, host)
+        state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    batch = trainer.device_batch(host)  # time the compiled step alone (no host-to-device copy)
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = trainer._train_step(state, batch)
+        state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    if args.profile:
+        jax.profiler.stop_trace()
     step_s = float(np.median(times))
     tokens = args.batch * args.length
     n = jax.device_count()
     flops_tok = model_flops_per_token(trainer.mcfg, args.length)
     achieved = flops_tok * tokens / step_s
-    peak = args.peak_tflops or (PEAK_TFLOPS[args.peak] if args.peak else guess_peak(dev.device_kind))
+    vendor = args.peak_tflops or (PEAK_TFLOPS[args.peak] if args.peak else guess_peak(dev.device_kind))
+    measured = measure_matmul_tflops(trainer.mcfg.dtype, args.matmul_n) if args.matmul_n else None
     stats = {}
     try:
         stats = dev.memory_stats() or {}
     except Exception:  # noqa: BLE001 - CPU has none
         stats = {}
+    path = trainer.attention_path(args.length)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
     emit({"mode": "run", "config": args.config, "device": dev.device_kind, "platform": dev.platform, "n_devices": n,
-          "mesh": dict(trainer.mesh.shape), "batch": args.batch, "length": args.length, "compute_dtype": cfg.train.compute_dtype,
-          "attention": cfg.model.attention_impl, "remat": cfg.train.remat, "grad_accum": cfg.train.grad_accum,
-          "optimizer": cfg.train.optimizer, "params_M": round(n_params / 1e6, 2), "compile_s": round(compile_s, 2),
-          "step_time_s": round(step_s, 5), "step_time_min_s": round(min(times), 5), "tokens_per_step": tokens,
-          "tokens_per_s": round(tokens / step_s, 1), "model_gflops_per_token": round(flops_tok / 1e9, 4),
-          "tflops_per_device": round(achieved / n / 1e12, 2), "peak_tflops_per_device": peak,
-          "mfu": round(achieved / (n * peak * 1e12), 4) if peak else None,
+          "mesh": dict(trainer.mesh.shape), "batch": args.batch, "length": args.length, "compute_dtype": trainer.mcfg.dtype,
+          "attention": path, "attention_kernel_in_hlo": kernel_in_hlo(compiled.as_text(), path),
+          "attention_dropout": trainer.mcfg.attention_dropout_rate, "remat": cfg.train.remat,
+          "grad_accum": cfg.train.grad_accum, "optimizer": str(cfg.train.optimizer), "params_M": round(n_params / 1e6, 2),
+          "compile_s": round(compile_s, 2), "step_time_s": round(step_s, 5), "step_time_min_s": round(min(times), 5),
+          "tokens_per_step": tokens, "tokens_per_s": round(tokens / step_s, 1),
+          "model_gflops_per_token": round(flops_tok / 1e9, 4), "tflops_per_device": round(achieved / n / 1e12, 3),
+          "matmul_n": args.matmul_n, "matmul_tflops_measured": round(measured, 3) if measured else None,
+          "mfu": round(achieved / (n * measured * 1e12), 4) if measured else None,
+          "peak_tflops_vendor": vendor, "mfu_vendor": round(achieved / (n * vendor * 1e12), 4) if vendor else None,
           "peak_memory_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if "peak_bytes_in_use" in stats else None,
+          "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+          **memory_fields(compiled), **cost_fields(compiled),
+          "params_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["params"]) / 2**30, 3),
+          "opt_state_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["opt_state"]) / 2**30, 3),
           "loss": float(m["loss"]), "finite": bool(m["finite"])})  # fmt: skip
-    del parallel
     return 0
 
 
@@ -213,7 +310,11 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=1080, help="rows per item")
     ap.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
+                    help="auto: cuDNN on GPU, splash on TPU, XLA on CPU (config.resolve_attention)")
+    ap.add_argument("--matmul-n", type=int, default=None,
+                    help="size of the matmul whose TFLOP/s is the measured peak (default 8192 on accelerators, 2048 on CPU; 0 = skip)")
+    ap.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the timed steps to DIR")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "prodigy"])
@@ -224,6 +325,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tpu-aot", metavar="TOPOLOGY", help="compile only, for a TPU topology such as v5e:2x2 or v4:2x2x1")
     ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = ap.parse_args(argv)
+    if args.matmul_n is None and not args.tpu_aot:
+        import jax
+
+        args.matmul_n = 2048 if jax.default_backend() == "cpu" else 8192
     return tpu_aot(args) if args.tpu_aot else bench(args)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -52,8 +53,13 @@ class Choice(str, enum.Enum):
 
 
 class AttentionImpl(Choice):
-    XLA = "xla"  # everywhere
-    CUDNN = "cudnn"  # flash attention on NVIDIA GPUs (fp16/bf16)
+    AUTO = "auto"  # decided per platform by `runtime_config` (`resolve_attention`)
+    XLA = "xla"  # everywhere; the only path that can drop attention probabilities
+    CUDNN = "cudnn"  # cuDNN flash attention on NVIDIA GPUs (fp16/bf16)
+    SPLASH = "splash"  # Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu; interpret mode elsewhere)
+
+
+FUSED_ATTENTION = (AttentionImpl.CUDNN, AttentionImpl.SPLASH)  # kernels that cannot apply attention dropout
 
 
 class TokenizerKind(Choice):
@@ -80,6 +86,11 @@ class Optimizer(Choice):
 class Schedule(Choice):
     COSINE = "cosine"
     CONSTANT = "constant"
+
+
+class Restore(Choice):
+    ALL = "all"  # resume: params, optimizer state, counters, data position
+    PARAMS = "params"  # the checkpoint's params (and step, data position) with a fresh optimizer state
 
 
 class FrozenMap(Mapping):
@@ -205,6 +216,11 @@ class Experimental:
             raise _bad(f"{w}.p_rvq_levels", self.p_rvq_levels, "'auto', 'equal' or a list of levels")
         if self.rvq_level_range and len(self.rvq_level_range) != 2:
             raise _bad(f"{w}.rvq_level_range", list(self.rvq_level_range), "[] or [lowest, highest]")
+        for name in ("token_dropout_rate", "token_dropout_error", "p_len_train"):
+            _number(self, name, w, lo=0.0, hi=1.0)
+        r = self.token_dropout_rvq_levels
+        if r and (len(r) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
+            raise _bad(f"{w}.token_dropout_rvq_levels", list(r), "[] or [lowest, highest] levels")
 
 
 @dataclass(frozen=True)
@@ -245,7 +261,11 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # --- runtime choices (how to run it, not what it is): set by `runtime_config` ---
-    attention_impl: AttentionImpl = AttentionImpl.XLA
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
+    # Attention-probability dropout in training. None: the reference's `dropout` on the XLA path, 0 on a fused
+    # kernel (cuDNN/splash cannot drop probabilities; `runtime_config` says so at start). An explicit value > 0
+    # keeps `attention_impl: auto` on XLA and is refused together with an explicit fused kernel.
+    attention_dropout: float | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each decoder layer, by policy name (models.backbone)
@@ -287,6 +307,12 @@ class ModelConfig:
         for name in ("tasks", "langs", "tones", "version"):
             _number(self, name, w, kind=int, lo=0)
         _number(self, "dropout", w, lo=0.0, hi=1.0)
+        _number(self, "attention_dropout", w, lo=0.0, hi=1.0, optional=True)
+        if self.attention_impl in FUSED_ATTENTION and (self.attention_dropout or 0.0) > 0.0:
+            raise _bad(f"{w}.attention_dropout", self.attention_dropout,
+                       f"0 with attention_impl={self.attention_impl} (a fused kernel cannot drop attention "
+                       "probabilities): set model.attention_dropout=0 to train on the fused kernel, or "
+                       "model.attention_impl=xla (or auto) to keep attention dropout")  # fmt: skip
         _number(self, "retnet_chunk_size", w, kind=int, lo=1)
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
@@ -349,6 +375,13 @@ class ModelConfig:
     def n_kv_heads(self) -> int:
         kv = self.experimental.kv_heads
         return kv if kv and kv > 0 else self.n_heads
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        """The attention dropout applied in training (see `attention_dropout`)."""
+        if self.attention_dropout is not None:
+            return float(self.attention_dropout)
+        return 0.0 if self.attention_impl in FUSED_ATTENTION else float(self.dropout)
 
     @property
     def causal(self) -> bool:
@@ -485,14 +518,48 @@ def compute_dtype(requested: str = "auto") -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def resolve_attention(impl: str, dtype: str, platform: str, attention_dropout: float | None) -> AttentionImpl:
+    """The attention path `auto` stands for on `platform` (cpu, gpu/cuda/rocm, tpu) at compute `dtype`: cuDNN flash
+    attention on NVIDIA GPUs in bfloat16/float16, Pallas splash attention on TPU, XLA elsewhere and whenever an
+    explicit `attention_dropout` > 0 asks for dropout (only XLA can apply it). An explicit choice is kept."""
+    impl = AttentionImpl(str(impl))
+    if impl != AttentionImpl.AUTO:
+        return impl
+    if attention_dropout is not None and attention_dropout > 0:
+        return AttentionImpl.XLA
+    if platform in ("gpu", "cuda") and dtype in ("bfloat16", "float16"):
+        return AttentionImpl.CUDNN
+    if platform == "tpu":
+        return AttentionImpl.SPLASH
+    return AttentionImpl.XLA
+
+
+def describe_attention(cfg: ModelConfig) -> str:
+    """One line for the start of a run: the attention path and the attention dropout it trains with."""
+    rate = cfg.attention_dropout_rate
+    line = f"attention {cfg.attention_impl}, attention dropout {rate:g}"
+    if cfg.attention_impl in FUSED_ATTENTION and cfg.attention_dropout is None and cfg.dropout > 0:
+        line += (f" (model.dropout = {cfg.dropout:g} is not applied: the fused {cfg.attention_impl} kernel cannot drop "
+                 "attention probabilities; model.attention_impl=xla trains with it)")  # fmt: skip
+    return line
+
+
 def runtime_config(cfg: ModelConfig, dtype: str = "auto", attention_impl: str | None = None,
-                   remat: str | None = None) -> ModelConfig:  # fmt: skip
-    """The model as it will run here: compute dtype decided once (`compute_dtype`), attention path, remat."""
+                   remat: str | None = None, platform: str | None = None) -> ModelConfig:  # fmt: skip
+    """The model as it will run here: compute dtype decided once (`compute_dtype`), the attention path (`auto`
+    resolved for `platform`, default: JAX's backend; `resolve_attention`), remat."""
     changes: dict[str, Any] = {"dtype": compute_dtype(dtype)}
-    if attention_impl is not None:
-        changes["attention_impl"] = attention_impl
     if remat is not None:
         changes["remat"] = remat
+    try:
+        requested = AttentionImpl(str(attention_impl if attention_impl is not None else cfg.attention_impl))
+    except ValueError:
+        raise _bad("attention_impl", attention_impl, "one of " + ", ".join(e.value for e in AttentionImpl)) from None
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    changes["attention_impl"] = resolve_attention(requested, changes["dtype"], platform, cfg.attention_dropout)
     try:
         return dataclasses.replace(cfg, **changes)
     except ConfigError:
@@ -513,13 +580,19 @@ def _assign(data: dict, key: str, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """`key=value` -> (key, value parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e30 as a string
+            value = float(value)
+        return key.strip(), value
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
 
@@ -579,6 +652,7 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("table", None),
+    ("table_embed", None),  # embedding tables' model dim: replicated (models/valle.py says why)
     ("norm", None),
     ("length", None),
 )
@@ -605,7 +679,9 @@ class DataConfig:
 
     path: str = "data/demo"  # directory with the shards and metadata written by `prepare`
     eval_path: str | None = None  # default: the held-out split inside `path`
-    batch_tokens: int = 8192  # token budget per batch (rows of the assembled sequences, padding included)
+    # token budget per global batch (rows of the assembled sequences, padding included); None: per platform,
+    # data.batching.DEFAULT_BATCH_TOKENS per batch shard (CPU 8192, GPU 32768, TPU 16384)
+    batch_tokens: int | None = None
     max_batch: int = 64
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # static sequence lengths
     prompt_duration_range: tuple[float, ...] = (3.0, 6.0)  # seconds (spec 8.5)
@@ -620,7 +696,8 @@ class DataConfig:
     def __post_init__(self):
         _freeze(self)
         w = "data"
-        for name in ("batch_tokens", "max_batch", "batch_multiple"):
+        _number(self, "batch_tokens", w, kind=int, lo=1, optional=True)
+        for name in ("max_batch", "batch_multiple"):
             _number(self, name, w, kind=int, lo=1)
         for name in ("max_prompts", "num_workers", "seed"):
             _number(self, name, w, kind=int, lo=0)
@@ -657,6 +734,9 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row
+    restore: Restore = Restore.ALL  # what a run dir's newest usable checkpoint gives a resumed run
+    restart: bool = False  # start over although the run dir holds checkpoints (they are moved aside, not deleted)
+    eval_metrics: bool = False  # WER/CER and SIM-O of the eval samples (valle_jax.evaluate) into the logs
     export_dtype: str = "bfloat16"
     coordinator_address: str | None = None  # jax.distributed: explicit multi-process start
     num_processes: int | None = None
@@ -666,6 +746,10 @@ class TrainConfig:
         w = "train"
         _choice(self, "optimizer", Optimizer, w)
         _choice(self, "schedule", Schedule, w)
+        _choice(self, "restore", Restore, w)
+        for name in ("restart", "eval_metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(f"{w}.{name}", getattr(self, name), "true or false")
         for name in ("steps", "seed", "warmup_steps", "log_every", "eval_every", "eval_batches", "eval_samples",
                      "save_every", "keep_checkpoints"):  # fmt: skip
             _number(self, name, w, kind=int, lo=0)
@@ -742,8 +826,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = [
-    "AttentionImpl", "CODEC_SPECS", "CodecKind", "Config", "ConfigError", "DataConfig", "Experimental", "FrozenMap",
-    "GroupNorm", "MeshConfig", "ModelConfig", "Optimizer", "RetNetMode", "STOP_TOKEN", "Schedule", "TokenizerKind",
-    "TrainConfig", "compute_dtype", "load_config", "load_reference_yaml", "load_yaml", "parse_assignment", "plain",
-    "runtime_config", "save_config", "save_yaml",
+    "AttentionImpl", "FUSED_ATTENTION", "CODEC_SPECS", "CodecKind", "Config", "ConfigError", "DataConfig", "Experimental", "FrozenMap",
+    "GroupNorm", "MeshConfig", "ModelConfig", "Optimizer", "Restore", "RetNetMode", "STOP_TOKEN", "Schedule", "TokenizerKind",
+    "TrainConfig", "compute_dtype", "describe_attention", "load_config", "load_reference_yaml", "load_yaml", "parse_assignment", "plain",
+    "resolve_attention", "runtime_config", "save_config", "save_yaml",
 ]  # fmt: skip

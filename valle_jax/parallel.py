@@ -166,6 +166,19 @@ def spec_for(logical: Sequence[str | None] | P | None, shape: Sequence[int], mes
     return P(*out)
 
 
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical axis names, through the same rules table as the parameters (the
+    flax `nn.logical_axis_rules` context the trainer sets) on the mesh the trainer sets (`jax.sharding.set_mesh`).
+    A no-op outside such a context (inference, tests without a mesh). Dimensions that do not divide stay whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(tuple(logical), x.shape, mesh, rules)))
+
+
 def param_shardings(params_or_shapes: Any, logical_specs: Any, mesh: Mesh, rules) -> Any:
     """NamedSharding per parameter from its logical axes (`models.valle.logical_axes`) and shape."""
     return jax.tree.map(

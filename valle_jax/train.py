@@ -3,23 +3,30 @@
 The run directory (`train.run_dir`) holds:
     config.yaml          the resolved run config (model block as trained: the checkpoint's with `init_from`)
     checkpoints/<step>/  orbax: train state + data iterator state of every process + metadata (keep-last-N)
-    metrics.jsonl        one JSON object per log interval ("split": "train") and per eval ("split": "eval")
+    metrics.jsonl        one JSON object per log interval ("split": "train"), per eval ("split": "eval") and, with
+                         train.eval_metrics, per evaluation of the eval samples ("split": "eval_samples");
+                         strict JSON (non-finite values are null)
+    checkpoint_health.json  which checkpoints' params gave a finite next step (healthy) or not
     tensorboard/         TensorBoard scalars (tensorboardX)
     curves.png           loss and accuracy curves (matplotlib)
     model/, model.sft    at the end: a valle_jax model directory and its export in the reference format
                          (`model.pth` when fine-tuned from a .pth); dtype `train.export_dtype`
     reference.json       metadata of the `init_from` reference checkpoint (kept for the export)
 
-A run resumes by itself from the newest complete checkpoint in its run directory (the model block then
+A run resumes by itself from the newest usable checkpoint in its run directory (the model block then
 comes from that checkpoint; data, train and mesh settings from the current config, so `train.steps=...`
-extends a run). Otherwise it starts from scratch, or from `train.init_from` (a valle_jax model directory or a
+extends a run). A checkpoint that does not fit the current config is refused (exit 2) with what differs:
+`train.restore=params` keeps its params with a fresh optimizer state, `train.restart=true` starts over (moving the
+checkpoints aside). Only unreadable checkpoints are set aside; unhealthy ones are passed over. Otherwise it starts from scratch, or from `train.init_from` (a valle_jax model directory or a
 reference .sft/.pth): the model block then comes from that checkpoint, and of the run config's model block
 only training-time fields that differ from their defaults are applied (`INIT_FROM_FIELDS`). Attention heads cannot
 be read from weights: a reference file takes the run config's `model.heads` when set, else dim / 64 (releases).
 
 SIGTERM or SIGINT (preemption): the current step finishes, a checkpoint is written, the process exits 0
-(a second SIGINT interrupts at once). A NaN/inf loss or gradient skips the update; after
-`train.max_bad_steps` such steps in a row the run saves and stops with exit status 3.
+(a second SIGINT interrupts at once). A NaN/inf loss or gradient skips the update; at the step where
+`train.max_bad_steps` such steps are in a row the run stops with exit status 3, saving nothing from the bad steps
+(a rerun resumes from the newest healthy checkpoint). The loop never waits for the device: metrics are read, and
+processes agree on a stop, at log, save and eval steps only.
 
 Data: `data.path: synthetic` uses `valle_jax.data.synthetic`; anything else `valle_jax.data.pipeline`.
 Both offer `make_iterator(cfg, split, process_index, process_count)` -> a grain DatasetIterator of host-local
@@ -57,21 +64,32 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def write_eval_samples(state: dict, step: int, **context: Any) -> None:
+def write_eval_samples(state: dict, step: int, **context: Any) -> dict | None:
     """Called at every eval on every process (after the teacher-forced eval): the primary process synthesizes
-    `train.eval_samples` held-out utterances under `run_dir/samples/<step>/` (valle_jax.eval_samples).
-    `context`: cfg, model_cfg, run_dir, trainer, primary."""
+    `train.eval_samples` held-out utterances under `run_dir/samples/<step>/` (valle_jax.eval_samples) and, with
+    `train.eval_metrics`, evaluates them; returns the log fields (wer, cer, sim) then, else None.
+    `context`: cfg, model_cfg, run_dir, trainer, primary, evaluator (a started valle_jax.evaluate.Evaluator or None),
+    say."""
     cfg = context["cfg"]
     if cfg.train.eval_samples <= 0 or cfg.data.path == "synthetic":
-        return
+        return None
     from valle_jax import parallel
-    from valle_jax.eval_samples import write_samples
+    from valle_jax.eval_samples import metrics_record, write_samples
 
     params = parallel.to_host(state["params"])  # a collective in multi-process runs: every process takes part
-    if context.get("primary", True):
-        files = write_samples(cfg, context["model_cfg"], params, Path(context["run_dir"]), step)
-        if files:
-            print(f"eval samples @ {step}: {len(files)} written to {files[0].parent}", flush=True)
+    if not context.get("primary", True):
+        return None
+    say = context.get("say", print)
+    out = write_samples(cfg, context["model_cfg"], params, Path(context["run_dir"]), step, say=say,
+                        evaluator=context.get("evaluator"))  # fmt: skip
+    if out.files:
+        say(f"eval samples @ {step}: {len(out.files)} written to {out.files[0].parent}")
+    if out.metrics is not None:
+        rec = metrics_record(out.metrics)
+        say(f"eval samples @ {step}: WER {rec['wer']}, CER {rec['cer']}, SIM {rec['sim']} "
+            f"(report {Path(context['run_dir']) / 'samples' / str(step) / 'eval' / 'index.html'})")  # fmt: skip
+        return rec
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,6 +106,17 @@ def default_data_fn(cfg: Config) -> DataFn:
 
 # ---------------------------------------------------------------------------------------------------------
 # logging: metrics.jsonl, TensorBoard, curves.png, console
+
+
+def json_safe(value: Any) -> Any:
+    """A log record as strict JSON: NaN and infinities become null (metrics.jsonl stays valid JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class RunLog:
@@ -108,9 +137,11 @@ class RunLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(rec, dict):
+                    continue
                 if rec.get("step", 0) <= start_step:
                     self.records.append(rec)
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            atomic_write_text(self.path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in self.records))
         try:
             from tensorboardX import SummaryWriter
 
@@ -121,13 +152,14 @@ class RunLog:
     def write(self, record: dict) -> None:
         if not self.primary:
             return
+        record = json_safe(record)
         self.records.append(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             split = record.get("split", "train")
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time") and math.isfinite(v):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time") and math.isfinite(v):
                     self.tb.add_scalar(f"{split}/{k}", v, record["step"])
             self.tb.flush()
 
@@ -156,12 +188,12 @@ def write_curves(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in ((axes[0], "loss", "loss (nll)"), (axes[1], "acc", "top-10 accuracy")):
         for split, style in (("train", "-"), ("eval", "o-")):
-            rs = [r for r in records if r.get("split") == split and key in r]
+            rs = [r for r in records if r.get("split") == split and r.get(key) is not None]
             if rs:
                 ax.plot([r["step"] for r in rs], [r[key] for r in rs], style, label=f"{split}", lw=1.8, ms=3)
         levels = sorted({k.split("_L")[1] for r in records if r.get("split") == "eval" for k in r if k.startswith(f"{key}_L")}, key=int)
         for lvl in levels:
-            rs = [r for r in records if r.get("split") == "eval" and f"{key}_L{lvl}" in r]
+            rs = [r for r in records if r.get("split") == "eval" and r.get(f"{key}_L{lvl}") is not None]
             ax.plot([r["step"] for r in rs], [r[f"{key}_L{lvl}"] for r in rs], "--", lw=0.8, label=f"eval L{lvl}")
         ax.set_xlabel("step")
         ax.set_title(title)
@@ -289,18 +321,44 @@ def resolve_run(cfg: Config, run_dir: Path, resuming: bool, primary: bool) -> tu
 
 class MetricsWindow:
     """Step metrics -> a log record every `train.log_every` steps (loss, accuracy per level, lr, tokens/s), and the
-    NaN/inf accounting: `add` returns the divergence message once `train.max_bad_steps` bad steps are in a row."""
+    NaN/inf accounting: `add` returns the divergence message at the step where `train.max_bad_steps` bad steps
+    are in a row (the device froze the state there: later steps' metrics carry `stopped` and are dropped).
 
-    def __init__(self, cfg: Config, trainer: Any, log: RunLog, bar: Any, say: Callable):
+    Metrics stay on the device until `flush` (at log, save and eval steps): the loop never waits for a step."""
+
+    def __init__(self, cfg: Config, trainer: Any, log: RunLog, bar: Any, say: Callable, lr_origin: int = 0):
         self.cfg, self.trainer, self.log, self.bar, self.say = cfg, trainer, log, bar, say
+        self.lr_origin = lr_origin  # the step where the optimizer state began (train.restore=params)
         self.window: list[dict] = []
+        self.pending: list[dict] = []  # device metrics not read yet
         self.started = False  # the first step of a process includes compilation: not timed
         self.tokens, self.steps = 0.0, 0
         self.start = time.time()
+        self.last: dict | None = None  # the newest metrics read (host)
+        self.on_step: Callable[[dict], None] | None = None  # e.g. checkpoint health, per step read
 
     def pause(self, seconds: float) -> None:
         """Leave `seconds` (an eval) out of the throughput."""
         self.start += seconds
+
+    def push(self, m_dev: dict) -> None:
+        """Queue a step's device metrics; their copy to the host starts now, nobody waits for it."""
+        import jax
+
+        for leaf in jax.tree.leaves(m_dev):
+            if hasattr(leaf, "copy_to_host_async"):
+                leaf.copy_to_host_async()
+        self.pending.append(m_dev)
+
+    def flush(self) -> str | None:
+        """Read every queued step (in order); returns the divergence message if one of them diverged."""
+        diverged = None
+        pending, self.pending = self.pending, []
+        for m in pending:
+            diverged = self.add(m) or diverged
+            if diverged:
+                break
+        return diverged
 
     def add(self, m_dev: dict) -> str | None:
         import jax
@@ -309,6 +367,11 @@ class MetricsWindow:
 
         t = self.cfg.train
         m = jax.tree.map(np.asarray, jax.device_get(m_dev))
+        if bool(m.get("stopped", False)):
+            return None  # the state was frozen before this step: nothing happened
+        self.last = m
+        if self.on_step is not None:
+            self.on_step(m)
         s = int(m["step"])
         diverged = None
         if not bool(m["finite"]):
@@ -317,8 +380,8 @@ class MetricsWindow:
                 f"skipped ({int(m['bad_steps'])} in a row, {int(m['skipped'])} in total)")  # fmt: skip
             if int(m["bad_steps"]) >= t.max_bad_steps:
                 diverged = (f"training diverged: {int(m['bad_steps'])} steps in a row (train.max_bad_steps = "
-                            f"{t.max_bad_steps}) had a NaN/inf loss or gradient, last at step {s}; params are those "
-                            f"of the last good step. Lower train.learning_rate or check the data.")  # fmt: skip
+                            f"{t.max_bad_steps}) had a NaN/inf loss or gradient, the last at step {s}, where the run "
+                            f"stopped.")  # fmt: skip
         self.window.append(m)
         now = time.time()
         if not self.started:
@@ -326,15 +389,15 @@ class MetricsWindow:
         else:
             self.tokens += float(m["tokens"])
             self.steps += 1
-        if s % t.log_every == 0 or s == t.steps:
+        if s % t.log_every == 0 or s == t.steps or diverged:
             dt = max(now - self.start, 1e-9)
             rec = {"split": "train", "step": s, **summarize(self.window, self.cfg.model.resp_levels),
-                   "lr": self.trainer.learning_rate(s - int(m["skipped"])),
+                   "lr": self.trainer.learning_rate(s - self.lr_origin - int(m["skipped"])),
                    "grad_norm": float(np.mean([float(w["grad_norm"]) for w in self.window])), "skipped": int(m["skipped"]),
                    "tokens_per_s": self.tokens / dt, "steps_per_s": self.steps / dt, "time": now}  # fmt: skip
             self.log.write(rec)
             self.log.plot()
-            if self.bar is not None:
+            if self.bar is not None and rec["loss"] == rec["loss"]:
                 self.bar.set_postfix_str(f"loss {rec['loss']:.3f} acc {rec['acc']:.3f} {_fmt_rate(rec['tokens_per_s'])} tok/s")
             self.window.clear()
             self.start, self.tokens, self.steps = time.time(), 0.0, 0
@@ -350,9 +413,32 @@ class Evaluator:
         self.cfg, self.trainer, self.data_fn, self.log, self.bar, self.say = cfg, trainer, data_fn, log, bar, say
         self.run_dir, self.primary = run_dir, primary
         self.enabled = cfg.train.eval_every > 0
+        self._metrics: Any = None
+        self._metrics_failed = False
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.cfg.train.eval_every == 0
+
+    def metrics_evaluator(self) -> Any:
+        """`train.eval_metrics`: one started valle_jax.evaluate.Evaluator for the whole run (the ASR and speaker
+        models load once), on the primary process; None when off or when the models cannot be had (said once)."""
+        if not (self.cfg.train.eval_metrics and self.primary) or self._metrics_failed:
+            return None
+        if self._metrics is None:
+            from valle_jax.evaluate import EvalSettings, Evaluator as MetricsEvaluator
+
+            try:
+                self._metrics = MetricsEvaluator(EvalSettings(progress=False)).start()
+            except Exception as e:  # noqa: BLE001 - a missing model must not stop training: say so, go on
+                self._metrics_failed = True
+                self.say(f"train.eval_metrics: no WER/SIM ({type(e).__name__}: {e})")
+                return None
+        return self._metrics
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def __call__(self, state: dict, step: int) -> float:
         """Evaluate; returns the seconds it took."""
@@ -384,16 +470,84 @@ class Evaluator:
             self.log.write(rec)
             per_level = " ".join(f"L{k}:{rec[f'loss_L{k}']:.3f}" for k in range(levels) if f"loss_L{k}" in rec)
             (self.bar.write if self.bar else self.say)(f"eval @ {step}: loss {rec['loss']:.4f} acc {rec['acc']:.4f} [{per_level}]")
-        write_eval_samples(state, step, cfg=self.cfg, model_cfg=self.trainer.mcfg, run_dir=self.run_dir,
-                           trainer=self.trainer, primary=self.primary)  # fmt: skip
+        sample_metrics = write_eval_samples(state, step, cfg=self.cfg, model_cfg=self.trainer.mcfg, run_dir=self.run_dir,
+                                            trainer=self.trainer, primary=self.primary, evaluator=self.metrics_evaluator(),
+                                            say=self.bar.write if self.bar else self.say)  # fmt: skip
+        if sample_metrics is not None:
+            self.log.write({"split": "eval_samples", "step": step, **sample_metrics, "time": time.time()})
         self.log.plot(force=True)
         return time.time() - t0
 
 
+def config_changes(saved: dict, current: dict, limit: int = 6) -> list[str]:
+    """`section.key: old -> new` for every setting that differs between two `Config.to_dict()`s."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        elif a != b:
+            out.append(f"{prefix}: {a!r} -> {b!r}")
+
+    walk(saved, current, "")
+    shaping = ("model.", "train.optimizer", "train.grad_clip", "train.grad_accum", "mesh.")  # what shapes the state
+    out.sort(key=lambda line: not line.startswith(shaping))
+    return out[:limit] + ([f"(+{len(out) - limit} more)"] if len(out) > limit else [])
+
+
+def restore_run(ckpts: Any, trainer: Any, cfg: Config, train_it: Any) -> tuple[int, dict, int]:
+    """(step, state, lr origin) from the run dir's newest usable checkpoint, as `train.restore` says. A checkpoint
+    that does not fit the config is refused with what differs and the ways on (ConfigError, exit 2)."""
+    from valle_jax.checkpoint import CheckpointMismatch, NoUsableCheckpoint
+
+    ways = ("Ways on: train.restore=params (keep its params, start a fresh optimizer state), train.restart=true (start "
+            "over; the checkpoints are moved aside, not deleted), or another train.run_dir.")  # fmt: skip
+    params_only = cfg.train.restore == "params"
+    try:
+        step, state, meta = ckpts.restore(trainer.abstract_state, train_it, params_only=params_only)
+    except CheckpointMismatch as e:
+        changed = []
+        try:
+            newest = ckpts.latest_step()
+            changed = config_changes(ckpts.read_meta(newest).get("config", {}), cfg.to_dict())
+        except Exception:  # noqa: BLE001 - the explanation is a courtesy; the refusal stands without it
+            pass
+        said = f" Settings changed since it was written: {'; '.join(changed)}." if changed else ""
+        raise CheckpointMismatch(f"{e}.{said} {ways}") from None
+    except NoUsableCheckpoint as e:
+        raise NoUsableCheckpoint(f"{e}. To start this run dir over: train.restart=true (the checkpoints are moved "
+                                 "aside, not deleted), or use another train.run_dir.") from None  # fmt: skip
+    origin = int(meta.get("lr_origin", 0))
+    if params_only:
+        state = trainer.fresh_optimizer(state["params"], step)
+        origin = step
+    return step, state, origin
+
+
 def train(cfg: Config, data_fn: DataFn | None = None, *, loss_fn: Callable | None = None, progress: bool = True) -> dict:
     """Run (or resume) training as configured. Returns {"status": done|stopped, "step", "run_dir", "export" (path
-    or None), "reason", "state"}. Raises TrainingDiverged after train.max_bad_steps NaN/inf steps in a row (after
-    saving a checkpoint). `loss_fn` replaces the optimised loss (train_state.Trainer)."""
+    or None), "reason", "state"}. Raises TrainingDiverged at the step where train.max_bad_steps NaN/inf steps are
+    in a row (nothing is saved from then on: a rerun resumes from the newest healthy checkpoint). `loss_fn`
+    replaces the optimised loss (train_state.Trainer). A user error (bad config, dataset, run dir, a checkpoint
+    that does not fit) raises ConfigError / DatasetError / OSError and leaves no run dir that was not there."""
+    run_dir = Path(cfg.train.run_dir).absolute()
+    existed = run_dir.exists()
+    started = [False]
+    try:
+        return _train(cfg, run_dir, data_fn, loss_fn, progress, started)
+    except BaseException:
+        if not existed and not started[0]:
+            import jax
+            import shutil
+
+            if jax.process_index() == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)  # what this call created, before its first step
+        raise
+
+
+def _train(cfg: Config, run_dir: Path, data_fn: DataFn | None, loss_fn: Callable | None, progress: bool,
+           started: list) -> dict:  # fmt: skip
     import absl.flags
 
     if not absl.flags.FLAGS.is_parsed():
@@ -404,27 +558,44 @@ def train(cfg: Config, data_fn: DataFn | None = None, *, loss_fn: Callable | Non
     import jax
 
     from valle_jax.checkpoint import TrainCheckpoints
+    from valle_jax.config import describe_attention
     from valle_jax.train_state import Trainer
 
-    # ----- the run directory, the model, the data, the state
+    # ----- the model and the data first (user errors end here, before the run dir is touched)
     pi, pc = jax.process_index(), jax.process_count()
     primary = pi == 0
     say = (lambda *a: print(*a, flush=True)) if primary else (lambda *a: None)  # noqa: E731
-    run_dir = Path(cfg.train.run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
     data_fn = data_fn or default_data_fn(cfg)
-    ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    resuming = ckpts.latest_step() is not None
+    t = cfg.train
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{pi}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"train.run_dir = {str(run_dir)!r}: cannot write there ({e.strerror or e})") from None
+    ckpts = TrainCheckpoints(run_dir, keep=t.keep_checkpoints)
+    if t.restart and ckpts.has_history():
+        moved = ckpts.archive()
+        say(f"train.restart: the run dir's checkpoints were moved to {moved}; starting over")
+    resuming = ckpts.has_history()
     cfg, reference, init_params = resolve_run(cfg, run_dir, resuming, primary)
     trainer = Trainer(cfg, loss_fn=loss_fn)
     say(f"valle_jax.train: mesh {parallel.describe(trainer.mesh)}; run dir {run_dir}")
-    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds to this multiple
+    say(f"model: {describe_attention(trainer.mcfg)}")
+    # every batch must split over the mesh's batch shards (and micro-batches): the pipeline rounds to this multiple;
+    # data.batch_tokens unset: the platform's budget per batch shard (data.batching.DEFAULT_BATCH_TOKENS)
+    from valle_jax.data.batching import default_batch_tokens
+
     multiple = math.lcm(cfg.data.batch_multiple, trainer.batch_divisor)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple))
+    budget = cfg.data.batch_tokens or default_batch_tokens(trainer.platform, parallel.batch_divisor(trainer.mesh, trainer.rules))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_multiple=multiple, batch_tokens=budget))
     train_it = data_fn(cfg, "train", pi, pc)
+    lr_origin = 0
     if resuming:
-        step, state, _ = ckpts.restore(trainer.abstract_state, train_it)
-        say(f"resumed from checkpoint {step} ({ckpts.directory / str(step)})")
+        step, state, lr_origin = restore_run(ckpts, trainer, cfg, train_it)
+        say(f"resumed from checkpoint {step} ({ckpts.directory / str(step)})"
+            + (" with a fresh optimizer state (train.restore=params)" if t.restore == "params" else ""))  # fmt: skip
     else:
         step, state = 0, trainer.init_state(init_params)
         say(f"started {'from ' + str(cfg.train.init_from) if cfg.train.init_from else 'from scratch'}")
@@ -433,7 +604,6 @@ def train(cfg: Config, data_fn: DataFn | None = None, *, loss_fn: Callable | Non
         f"optimizer {cfg.train.optimizer}, {cfg.train.steps} steps")  # fmt: skip
 
     # ----- logging, evaluation, signals
-    t = cfg.train
     bar = None
     if primary and progress:
         from tqdm import tqdm
@@ -441,43 +611,66 @@ def train(cfg: Config, data_fn: DataFn | None = None, *, loss_fn: Callable | Non
         bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.1)  # fmt: skip
     log = RunLog(run_dir, primary, step)
-    window = MetricsWindow(cfg, trainer, log, bar, say)
+    window = MetricsWindow(cfg, trainer, log, bar, say, lr_origin)
     evaluator = Evaluator(cfg, trainer, data_fn, log, bar, say, run_dir, primary)
     stop = StopFlag()
     stop.install()
-    meta = lambda s: {"config": cfg.to_dict(), "step": int(s), "time": time.time(), "process_count": pc}  # noqa: E731
+    meta = lambda s: {"config": cfg.to_dict(), "step": int(s), "time": time.time(), "process_count": pc,  # noqa: E731
+                      "lr_origin": lr_origin}  # fmt: skip
     status, reason, diverged, export = "done", None, None, None
-    pending: list[dict] = []  # metrics of the step in flight: read one step late, so the host never waits
     last_saved = step
+    awaiting: set[int] = {step} if resuming else set()  # checkpoints whose health the next step tells
 
-    # ----- the loop
+    def on_step(m: dict) -> None:  # the metrics of step s tell whether checkpoint s - 1's params were healthy
+        s = int(m["step"]) - 1
+        if s in awaiting:
+            awaiting.discard(s)
+            ckpts.mark(s, bool(m["finite"]))
+
+    window.on_step = on_step
+
+    def bad_now() -> int:
+        return int(window.last["bad_steps"]) if window.last is not None else 0
+
+    # ----- the loop: no host-device sync per step. Metrics are read (and processes agree on a stop) at log,
+    # save and eval steps only; a NaN streak freezes the state on the device at exactly train.max_bad_steps.
+    started[0] = True
     try:
         while step < t.steps and diverged is None:
-            # a signal is checked before the next batch is drawn, so the saved iterator matches the saved step
-            if _agree(stop.reason is not None):
+            sync = step % t.log_every == 0 or (t.save_every > 0 and step % t.save_every == 0)
+            if (pc == 1 or sync) and _agree(stop.reason is not None):
                 status, reason = "stopped", stop.reason or "another process was signalled"
                 break
             batch = next(train_it, None)
-            if _agree(batch is None):  # a train iterator should be endless; a finite one ends the run here
+            if batch is None:  # every process follows the same batch plan, so all run out at the same step
                 reason = f"the training data ran out at step {step}"
                 say(f"\n{reason}")
                 break
             state, m = trainer.train_step(state, batch)
             step += 1
-            pending.append(m)
-            if len(pending) > 1:
-                diverged = window.add(pending.pop(0)) or diverged
+            window.push(m)
             if bar is not None:
                 bar.update(1)
-            if t.save_every > 0 and step % t.save_every == 0:
-                ckpts.save(step, state, train_it, meta(step))
-                last_saved = step
+            save_due = t.save_every > 0 and step % t.save_every == 0
+            if save_due or step % t.log_every == 0 or evaluator.due(step) or step == t.steps:
+                diverged = window.flush()
+                if diverged:
+                    break
+            if save_due:
+                if bad_now():  # params of a NaN/inf streak never go into a checkpoint
+                    say(f"\ncheckpoint {step} not written: the last {bad_now()} step(s) were not finite")
+                else:
+                    ckpts.save(step, state, train_it, meta(step))
+                    awaiting.add(step)
+                    last_saved = step
             if evaluator.due(step):
                 window.pause(evaluator(state, step))
-        for m in pending:
-            diverged = window.add(m) or diverged
-        if step != last_saved and ckpts.latest_step() != step:
+        if diverged is None:
+            diverged = window.flush()
+        if diverged is None and step != last_saved and ckpts.latest_step() != step:
             ckpts.save(step, state, train_it, meta(step))
+            if bad_now():
+                ckpts.mark(step, False)
         ckpts.wait()
         if status == "stopped":
             say(f"\n{reason}: checkpoint {step} saved in {ckpts.directory}; rerun the same command to resume")
@@ -494,8 +687,16 @@ def train(cfg: Config, data_fn: DataFn | None = None, *, loss_fn: Callable | Non
             bar.close()
         ckpts.close()
         log.close()
+        evaluator.close()
     if diverged is not None:
-        raise TrainingDiverged(diverged + f" Checkpoint {step} saved.")
+        healthy = ckpts.healthy_steps()
+        usable = [s for s in ckpts.steps() if ckpts.health.get(s) is not False]
+        if usable:
+            where = (f"Nothing was saved from the bad steps; a rerun resumes from checkpoint {usable[-1]}"
+                     + (" (healthy: its next step was finite)" if usable[-1] in healthy else "") + ".")  # fmt: skip
+        else:
+            where = "No checkpoint of this run is healthy: rerun with train.restart=true."
+        raise TrainingDiverged(f"{diverged} {where} Lower train.learning_rate or check the data before rerunning.")
     return {"status": status, "step": step, "run_dir": str(run_dir), "export": str(export) if export else None,
             "reason": reason, "state": state}  # fmt: skip
 
@@ -515,15 +716,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from valle_jax.data.records import DatasetError
+
     try:
         result = train(cfg)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DatasetError, OSError) as e:  # user errors: one line, nothing half-made left behind
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     return 0 if result["status"] in ("done", "stopped") else 1
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

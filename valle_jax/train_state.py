@@ -14,13 +14,17 @@ contributes nothing instead of NaN (the reference would give NaN there and step 
 gradient is not finite is not applied: params and optimizer state stay as they were, `bad_steps` and `skipped`
 count it, and the caller stops the run after `train.max_bad_steps` in a row.
 
-Dropout is the reference's: attention dropout with p = model.dropout in training (`deterministic=False`,
-rngs {"dropout": key}); the key is `fold_in(key(train.seed), step)`, so a resumed run draws the same masks.
+Dropout is the reference's: attention dropout (`ModelConfig.attention_dropout_rate`: model.dropout on the XLA
+path, 0 on a fused kernel) and token dropout (model.experimental.token_dropout_*) in training
+(`deterministic=False`, rngs {"dropout": key}); the key is `fold_in(key(train.seed), step)`, so a resumed run
+draws the same masks. Activations are constrained by logical axis names under the trainer's mesh
+(`parallel.constrain`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -89,10 +93,26 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 # the trainer's compiled functions
 
 
-def training_model_config(cfg: Config) -> ModelConfig:
-    """The model as trained: float32 master weights, compute dtype from train.compute_dtype, train.remat."""
-    mcfg = runtime_config(cfg.model, cfg.train.compute_dtype, remat=cfg.train.remat)
+def training_model_config(cfg: Config, platform: str | None = None) -> ModelConfig:
+    """The model as trained on `platform` (default: JAX's backend): float32 master weights, compute dtype from
+    train.compute_dtype, the attention path (`attention_impl: auto` resolved, config.resolve_attention), train.remat."""
+    check_trainable(cfg.model)
+    mcfg = runtime_config(cfg.model, cfg.train.compute_dtype, remat=cfg.train.remat, platform=platform)
     return dataclasses.replace(mcfg, param_dtype="float32")
+
+
+def check_trainable(m: ModelConfig) -> None:
+    """Refuse reference settings that this trainer would otherwise accept and ignore (issue 9, finding 9)."""
+    x = m.experimental
+    if x.tie_classifier_to_embedding:
+        raise ConfigError("model.experimental.tie_classifier_to_embedding = True: expected False (the reference at the "
+                          "ported commit never ties: its tying code is commented out, so its heads train untied)")  # fmt: skip
+    if x.p_len_train != 0.05:
+        raise ConfigError(f"model.experimental.p_len_train = {x.p_len_train!r}: expected 0.05 (the reference default; it "
+                          "only drives the NAR-len ('len' capability) training task, which is not ported)")  # fmt: skip
+    if x.token_dropout_rate > 0 and not m.dropout_token:
+        raise ConfigError(f"model.experimental.token_dropout_rate = {x.token_dropout_rate!r}: token dropout needs the "
+                          "dropout_token parameter (model.dropout_token = True)")  # fmt: skip
 
 
 def batch_stats(cfg: ModelConfig, logits: jax.Array, batch: Batch, metrics: dict, lengths: jax.Array) -> dict:
@@ -134,8 +154,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh | None = None, loss_fn: LossFn | None = None):
         self.cfg = cfg
-        self.mcfg = training_model_config(cfg)
         self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh)
+        self.platform = self.mesh.devices.flat[0].platform
+        self.mcfg = training_model_config(cfg, self.platform)
         self.rules = parallel.axis_rules(cfg.mesh)
         self.model = VALLE(self.mcfg)
         self.tx = make_optimizer(cfg.train)
@@ -155,11 +176,33 @@ class Trainer:
                   "bad_steps": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32)}  # fmt: skip
         self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
 
-        self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
-        self._from_params = jax.jit(self._from_params_fn, in_shardings=(self.param_sharding,), out_shardings=self.state_sharding)
-        self._train_step = jax.jit(self._train_step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
-                                   out_shardings=(self.state_sharding, r), donate_argnums=(0,))  # fmt: skip
-        self._eval_step = jax.jit(self._eval_fn, in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=r)
+        self._init = jax.jit(self._in_mesh(self._init_fn), out_shardings=self.state_sharding)
+        self._from_params = jax.jit(self._in_mesh(self._from_params_fn), in_shardings=(self.param_sharding, r),
+                                    out_shardings=self.state_sharding)  # fmt: skip
+        self._steps: dict[int | None, tuple[Callable, Callable]] = {}
+        self._train_step, self._eval_step = self.compiled_steps(None)
+
+    def compiled_steps(self, n_rows: int | None) -> tuple[Callable, Callable]:
+        """(train step, eval step) jitted for batches whose model runs `n_rows` sequence rows (a bucket's length;
+        None: as many as the batch's padded arrays assemble)."""
+        if n_rows not in self._steps:
+            r = self.replicated
+            train = jax.jit(self._in_mesh(functools.partial(self._train_step_fn, n_rows=n_rows)),
+                            in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=(self.state_sharding, r),
+                            donate_argnums=(0,))  # fmt: skip
+            evaluate = jax.jit(self._in_mesh(functools.partial(self._eval_fn, n_rows=n_rows)),
+                               in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=r)  # fmt: skip
+            self._steps[n_rows] = (train, evaluate)
+        return self._steps[n_rows]
+
+    def _in_mesh(self, fn: Callable) -> Callable:
+        """`fn` traced with the mesh set, so activations get their shardings (`parallel.constrain`)."""
+
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return fn(*args)
+
+        return traced
 
     # ----- state -----
     def _new_state(self, params) -> State:
@@ -169,8 +212,8 @@ class Trainer:
     def _init_fn(self, rng):
         return self._new_state(init_params(self.mcfg, rng))
 
-    def _from_params_fn(self, params):
-        return self._new_state(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    def _from_params_fn(self, params, step):
+        return {**self._new_state(jax.tree.map(lambda x: x.astype(jnp.float32), params)), "step": step}
 
     def init_state(self, params: dict | None = None) -> State:
         """Fresh state from `train.seed`, or from given params (numpy, e.g. an imported reference checkpoint)."""
@@ -188,22 +231,23 @@ class Trainer:
             lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx, a=a: np.asarray(a, np.float32)[idx]),
             params, expected,
         )  # fmt: skip
-        return self._from_params(placed)
+        return self._from_params(placed, jnp.zeros((), jnp.int32))
+
+    def fresh_optimizer(self, params: dict, step: Any) -> State:
+        """A state with these (global, sharded) params at `step` and a new optimizer state (`train.restore=params`)."""
+        return self._from_params(params, jnp.asarray(step, jnp.int32))
 
     # ----- forward / loss -----
-    def _forward(self, params, batch: Batch, key, deterministic: bool, step):
+    def _forward(self, params, batch: Batch, key, deterministic: bool, step, n_rows: int | None = None):
         with nn.logical_axis_rules(self.rules):
             rngs = None if deterministic else {"dropout": key}
-            logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
+            logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, n_rows=n_rows, rngs=rngs)
         total, metrics = self.loss_fn(self.mcfg, logits, batch, step)
         return total, batch_stats(self.mcfg, logits, batch, metrics, lay.length)
 
-    def _loss_fn(self, params, batch, key, step):
-        return self._forward(params, batch, key, False, step)
-
-    def _grads(self, params, batch: Batch, key, step):
+    def _grads(self, params, batch: Batch, key, step, n_rows: int | None = None):
         A = self.cfg.train.grad_accum
-        grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, b, k, s: self._forward(p, b, k, False, s, n_rows), has_aux=True)
         if A == 1:
             (total, stats), grads = grad_fn(params, batch, key, step)
             return total, stats, grads
@@ -224,29 +268,34 @@ class Trainer:
         (total, stats, grads), _ = jax.lax.scan(body, zeros, (tuple(micro), jnp.arange(A)))
         return total / A, stats, jax.tree.map(lambda g: g / A, grads)
 
-    def _train_step_fn(self, state: State, batch: Batch):
+    def _train_step_fn(self, state: State, batch: Batch, n_rows: int | None = None):
+        """One update, or none: a step whose loss or gradient is not finite keeps params and optimizer state; once
+        `train.max_bad_steps` such steps are in a row the state is frozen (`stopped` in the metrics: the host,
+        which reads metrics late to never wait on the device, then stops at exactly that step)."""
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
-        total, stats, grads = self._grads(state["params"], batch, key, step)
+        total, stats, grads = self._grads(state["params"], batch, key, step, n_rows)
         grad_norm = optax.tree.norm(grads)
+        stopped = state["bad_steps"] >= self.cfg.train.max_bad_steps
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        apply = finite & ~stopped
         updates, new_opt = self.tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        bad = jnp.where(finite, 0, state["bad_steps"] + 1).astype(jnp.int32)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
+        bad = jnp.where(stopped, state["bad_steps"], jnp.where(finite, 0, state["bad_steps"] + 1)).astype(jnp.int32)
         new_state = {
-            "step": step + 1,
+            "step": jnp.where(stopped, step, step + 1),
             "params": keep(new_params, state["params"]),
             "opt_state": keep(new_opt, state["opt_state"]),
             "bad_steps": bad,
-            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+            "skipped": state["skipped"] + (~finite & ~stopped).astype(jnp.int32),
         }
-        metrics = {"loss": total, "grad_norm": grad_norm, "finite": finite, "bad_steps": bad,
+        metrics = {"loss": total, "grad_norm": grad_norm, "finite": finite, "bad_steps": bad, "stopped": stopped,
                    "skipped": new_state["skipped"], "step": step + 1, **stats}  # fmt: skip
         return new_state, metrics
 
-    def _eval_fn(self, params, batch: Batch):
-        total, stats = self._forward(params, batch, None, True, jnp.int32(-1))
+    def _eval_fn(self, params, batch: Batch, n_rows: int | None = None):
+        total, stats = self._forward(params, batch, None, True, jnp.int32(-1), n_rows)
         return {"loss": total, **stats}
 
     # ----- public steps -----
@@ -262,21 +311,38 @@ class Trainer:
     def train_step(self, state: State, local_batch: dict | Batch) -> tuple[State, dict]:
         """One optimizer step on a host-local batch; returns (new state, metrics as device arrays). The given
         state's buffers are donated to the new one: do not use it again."""
-        return self._train_step(state, self.device_batch(local_batch))
+        return self.compiled_steps(batch_rows(local_batch))[0](state, self.device_batch(local_batch))
+
+    def attention_path(self, n_rows: int) -> str:
+        """The attention computation a training step over `n_rows` rows runs (models.llama.attention_path)."""
+        if self.mcfg.arch_type != "llama":
+            return self.mcfg.arch_type
+        from valle_jax.models.llama import attention_path
+
+        return attention_path(self.mcfg, n_rows, cached=False)
 
     def eval_step(self, state: State, local_batch: dict | Batch) -> dict:
-        return self._eval_step(state["params"], self.device_batch(local_batch))
+        return self.compiled_steps(batch_rows(local_batch))[1](state["params"], self.device_batch(local_batch))
 
     def learning_rate(self, good_steps: int) -> float:
         """The schedule's value after `good_steps` applied updates (host-side, no device work)."""
         return schedule_value(self.cfg.train, good_steps)
 
 
+def batch_rows(local: Any) -> int | None:
+    """The sequence rows a pipeline batch asks the model to run (its `rows` entry: the bucket's length), or None."""
+    if isinstance(local, dict) and "rows" in local:
+        rows = np.asarray(local["rows"]).reshape(-1)
+        return int(rows[0]) if rows.size else None
+    return None
+
+
 def summarize(stats: list[dict], resp_levels: int) -> dict:
     """Host-side: sum step statistics (numpy) -> loss/accuracy overall and per level (NaN-free: absent -> omitted)."""
     if not stats:
         return {}
-    tot = {k: np.sum([np.asarray(s[k], np.float64) for s in stats], axis=0) for k in stats[0] if k not in ("finite", "step", "bad_steps", "skipped")}
+    tot = {k: np.sum([np.asarray(s[k], np.float64) for s in stats], axis=0) for k in stats[0]
+           if k not in ("finite", "step", "bad_steps", "skipped", "stopped")}  # fmt: skip
     out: dict[str, float] = {}
     if "loss" in tot:
         losses = [float(s["loss"]) for s in stats if bool(s.get("finite", True))]

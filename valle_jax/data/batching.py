@@ -1,22 +1,28 @@
 """Host-side batching, numpy only: buckets with static shapes, the per-epoch batch plan, level sampling,
 speaker prompts (spec reference-model.md 5.1 and 8.5) and the assembly of one padded batch.
 
-Bucket shapes.  A batch is [b, T] text, [b, P, Q] prompt and [b, R, Q] response codes; the model assembles
-T + P + R + 4 rows (T + P + R + 2 for version 2, no RVQ-level row).  For each `data.length_buckets` value S,
-P is the longest prompt the config can draw (ceil(prompt_duration_range[1] * frames_per_second)), T a
-multiple of 8 and R = S - extra - P - T, so every batch of the bucket assembles to exactly S rows; T is
-chosen (from the data, the same on every host) to fit the most of the utterances not taken by a smaller
-bucket.  An utterance fits when its text length <= T and its frames + 1 (room for the stop token) <= R.
-Utterances that fit no bucket are dropped and counted.  The global batch size of a bucket is
-min(max_batch, batch_tokens // S), rounded down to a multiple of lcm(process_count, batch_multiple) (at
-least that multiple), so b * S <= batch_tokens wherever the budget allows one row per process.
+Buckets are token budgets, not fixed layouts.  A bucket is a sequence length S (one of `data.length_buckets`): an
+utterance belongs to the smallest S that holds its whole assembled sequence, text t + prompt p + response r + 1
+(the stop token) + the separator rows, so short prompts leave no padding inside the sequence (there is no fixed
+6 s prompt segment: the model assembles each item's segments back to back and pads only at the end).  The batch's
+arrays are padded per bucket to the longest text T, prompt P and response R among its members (multiples of 8;
+they feed the embedding lookups only); the model runs S rows (`rows` in each batch).  The global batch size of a
+bucket is min(max_batch, batch_tokens // S), rounded down to a multiple of lcm(process_count, batch_multiple) (at
+least that multiple), so b * S <= batch_tokens wherever the budget allows one row per process.  `batch_tokens`
+unset: `DEFAULT_BATCH_TOKENS` per device of the platform (the trainer multiplies by the batch shards).
+
+Prompt lengths.  The reference draws a prompt duration uniformly in prompt_duration_range for every sample.  Here
+each utterance draws its prompt length once per run, from (seed, utterance index), with that same distribution,
+so that its bucket is known before batches are drawn and every epoch has the same batches count; which of the
+speaker's other utterances form the prompt, and where they are cut, is drawn anew for every batch.  (An utterance
+whose speaker has no other utterance gets no prompt, as in the reference.)
 
 Batch plan.  Per epoch (train): each bucket's utterances are shuffled with (seed, epoch), cut into
 ceil(n / b) batches (the last one filled up by wrapping around to the start of the shuffled list), and the
 batches of all buckets are shuffled together.  Every epoch has the same number of batches, so global batch k
 belongs to epoch k // per_epoch.  Eval: one pass in a fixed order, no shuffling.
 
-Per item draws.  Item j of global batch k draws its RVQ level and its prompt from a generator seeded with
+Per item draws.  Item j of global batch k draws its RVQ level and its prompt pieces from a generator seeded with
 (seed, split, k, j): reproducible, independent of the number of hosts and of where an iterator was restored.
 """
 
@@ -34,14 +40,25 @@ from valle_jax.layout import extra_rows, make_batch
 __all__ = [
     "Bucket",
     "BatchPlan",
+    "DEFAULT_BATCH_TOKENS",
     "assemble",
     "batch_size_for",
+    "default_batch_tokens",
     "max_prompt_frames",
     "plan_buckets",
+    "prompt_frames",
     "sample_prompt",
 ]
 
 PAD_MULTIPLE = 8
+# data.batch_tokens unset: tokens (sequence rows) per device and step. CPU: what a laptop trains in seconds; GPU
+# (80-141 GB): 32k rows keeps an H100/H200 busy at the released shape; TPU (16-32 GB HBM per chip): 16k.
+DEFAULT_BATCH_TOKENS = {"cpu": 8192, "gpu": 32768, "tpu": 16384}
+
+
+def default_batch_tokens(platform: str, batch_shards: int = 1) -> int:
+    """The global token budget for `data.batch_tokens: null` on `platform` with `batch_shards` data shards."""
+    return DEFAULT_BATCH_TOKENS.get(platform, DEFAULT_BATCH_TOKENS["cpu"]) * max(1, int(batch_shards))
 
 
 def max_prompt_frames(data_cfg) -> int:
@@ -53,56 +70,60 @@ def max_prompt_frames(data_cfg) -> int:
 
 @dataclass(frozen=True)
 class Bucket:
-    rows: int  # S = text + prom + resp + extra: the assembled sequence length
+    rows: int  # S: the assembled sequence length the model runs (every member's t + p + r + 1 + extra <= S)
     batch: int  # global batch size
-    text: int  # T
-    prom: int  # P
-    resp: int  # R (frames + room for the stop token)
+    text: int  # T: array padding of the texts
+    prom: int  # P: of the prompts
+    resp: int  # R: of the responses (frames + room for the stop token)
 
     def shapes(self, q: int, process_count: int = 1) -> dict[str, tuple[int, ...]]:
         b = self.batch // process_count
         return {"text": (b, self.text), "text_len": (b,), "prom": (b, self.prom, q), "prom_len": (b,),
-                "resp": (b, self.resp, q), "resp_len": (b,), "level": (b,)}  # fmt: skip
+                "resp": (b, self.resp, q), "resp_len": (b,), "level": (b,), "rows": (b,)}  # fmt: skip
 
 
 def batch_size_for(rows: int, data_cfg, multiple: int) -> int:
-    b = min(int(data_cfg.max_batch), int(data_cfg.batch_tokens) // rows)
+    budget = data_cfg.batch_tokens if data_cfg.batch_tokens is not None else DEFAULT_BATCH_TOKENS["cpu"]
+    b = min(int(data_cfg.max_batch), int(budget) // rows)
     return max(multiple, (b // multiple) * multiple)
 
 
-def plan_buckets(text_lens: np.ndarray, frames: np.ndarray, model_cfg, data_cfg, multiple: int = 1
-                 ) -> tuple[list[Bucket], np.ndarray]:  # fmt: skip
-    """Static bucket shapes and each utterance's bucket (-1 = fits none). See the module docstring."""
+def prompt_frames(indices: np.ndarray, data_cfg) -> np.ndarray:
+    """Each utterance's prompt length in frames (module docstring): uniform in prompt_duration_range seconds,
+    drawn once from (seed, utterance index), at least 1 and at most `max_prompt_frames`."""
+    hi_frames = max_prompt_frames(data_cfg)
+    if hi_frames == 0:
+        return np.zeros(len(indices), np.int64)
+    lo, hi = (list(data_cfg.prompt_duration_range) + [0.0, 0.0])[:2]
+    fps = float(data_cfg.frames_per_second)
+    out = np.empty(len(indices), np.int64)
+    for n, idx in enumerate(np.asarray(indices, np.int64)):
+        u = np.random.default_rng([int(data_cfg.seed), 11, int(idx)]).uniform(lo, hi) if hi > lo else hi
+        out[n] = int(u * fps)
+    return np.clip(out, 1, hi_frames)
+
+
+def _ceil(n: int) -> int:
+    return max(PAD_MULTIPLE, -(-int(n) // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def plan_buckets(text_lens: np.ndarray, frames: np.ndarray, prompts: np.ndarray, model_cfg, data_cfg,
+                 multiple: int = 1) -> tuple[list[Bucket], np.ndarray]:  # fmt: skip
+    """Static bucket shapes and each utterance's bucket (-1 = fits none; see the module docstring). `prompts`: each
+    utterance's prompt length in frames (`prompt_frames`)."""
     t = np.asarray(text_lens, np.int64)
     r = np.asarray(frames, np.int64) + 1
+    p = np.asarray(prompts, np.int64)
+    need = t + p + r + extra_rows(model_cfg)
     assign = np.full(t.shape, -1, np.int64)
-    extra = extra_rows(model_cfg)
-    P = max(1, max_prompt_frames(data_cfg))
     buckets: list[Bucket] = []
     for S in sorted(set(int(s) for s in data_cfg.length_buckets)):
-        avail = S - extra - P  # rows for T + R
-        if avail < 2 * PAD_MULTIPLE:
+        fits = (assign < 0) & (need <= S)
+        if not fits.any():
             continue
-        free = assign < 0
-        if not free.any():
-            break
-        # count[T] = #{free items: t <= T and r <= avail - T}, for T = PAD_MULTIPLE, 2 * PAD_MULTIPLE, ...
-        n_t = (avail - 1) // PAD_MULTIPLE
-        tb = np.ceil(t[free] / PAD_MULTIPLE).astype(np.int64)  # smallest T index that holds the text
-        ok = (tb <= n_t) & (r[free] <= avail - PAD_MULTIPLE)
-        hist = np.zeros((n_t + 1, avail + 1), np.int64)
-        np.add.at(hist, (tb[ok], r[free][ok]), 1)
-        cum = hist.cumsum(0).cumsum(1)  # cum[i, j] = #{tb <= i, r <= j}
-        Ts = np.arange(1, n_t + 1)
-        counts = cum[Ts, avail - Ts * PAD_MULTIPLE]
-        if counts.size == 0 or counts.max() == 0:
-            continue
-        T = int(Ts[int(np.argmax(counts))]) * PAD_MULTIPLE
-        R = avail - T
-        k = len(buckets)
-        fits = free & (t <= T) & (r <= R)
-        assign[fits] = k
-        buckets.append(Bucket(rows=S, batch=batch_size_for(S, data_cfg, multiple), text=T, prom=P, resp=R))
+        assign[fits] = len(buckets)
+        buckets.append(Bucket(rows=S, batch=batch_size_for(S, data_cfg, multiple), text=_ceil(t[fits].max()),
+                              prom=_ceil(p[fits].max()), resp=_ceil(r[fits].max())))  # fmt: skip
     return buckets, assign
 
 
@@ -171,16 +192,17 @@ def _trim(codes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def sample_prompt(rng: np.random.Generator, pool: np.ndarray, data_cfg, max_frames: int,
-                  read_codes: Callable[[int], np.ndarray]) -> tuple[np.ndarray | None, list[int]]:  # fmt: skip
-    """A prompt from 1..max_prompts other utterances of the speaker (spec 8.5): one target length drawn in
-    prompt_duration_range seconds, each utterance trimmed to it at a random offset, concatenated until long
-    enough, trimmed again.  `pool`: the speaker's other utterances (without the target).  Returns (codes or
-    None when the pool is empty, the utterances used)."""
+                  read_codes: Callable[[int], np.ndarray], target: int | None = None) -> tuple[np.ndarray | None, list[int]]:  # fmt: skip
+    """A prompt from 1..max_prompts other utterances of the speaker (spec 8.5): a target length (`target` frames,
+    else drawn in prompt_duration_range seconds), each utterance trimmed to it at a random offset, concatenated
+    until long enough, trimmed again.  `pool`: the speaker's other utterances (without the target).  Returns
+    (codes or None when the pool is empty, the utterances used)."""
     if len(pool) == 0 or max_frames <= 0:
         return None, []
-    lo, hi = (list(data_cfg.prompt_duration_range) + [0.0, 0.0])[:2]
-    target = int(rng.uniform(lo, hi) * data_cfg.frames_per_second) if hi > lo else int(hi * data_cfg.frames_per_second)
-    target = min(max(target, 1), max_frames)
+    if target is None:
+        lo, hi = (list(data_cfg.prompt_duration_range) + [0.0, 0.0])[:2]
+        target = int(rng.uniform(lo, hi) * data_cfg.frames_per_second) if hi > lo else int(hi * data_cfg.frames_per_second)
+    target = min(max(int(target), 1), max_frames)
     picks = rng.permutation(len(pool))[: max(1, int(data_cfg.max_prompts))]
     pieces, used, total = [], [], 0
     for p in picks:
@@ -197,8 +219,8 @@ def sample_prompt(rng: np.random.Generator, pool: np.ndarray, data_cfg, max_fram
 def assemble(bucket: Bucket, texts: Sequence[np.ndarray], proms: Sequence[np.ndarray | None],
              resps: Sequence[np.ndarray], levels: Sequence[int], q: int, stop_token: int) -> dict[str, np.ndarray]:  # fmt: skip
     """One padded training batch in the bucket's static shapes (`layout.make_batch`: level-0 items get one stop
-    token), as a dict of the Batch fields."""
+    token), as a dict of the Batch fields plus `rows` (the bucket's sequence length, per item)."""
     items = [{"text": t, "prom": p, "resp": r} for t, p, r in zip(texts, proms, resps)]
     batch = make_batch(items, levels=levels, q=q, stop_token=stop_token,
                        pad_to={"text": bucket.text, "prom": bucket.prom, "resp": bucket.resp})  # fmt: skip
-    return batch._asdict()
+    return {**batch._asdict(), "rows": np.full(len(items), bucket.rows, np.int32)}

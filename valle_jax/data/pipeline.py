@@ -27,7 +27,7 @@ import numpy as np
 
 from valle_jax.codec.specs import codec_spec
 
-from .batching import BatchPlan, Bucket, assemble, max_prompt_frames, plan_buckets, sample_prompt
+from .batching import BatchPlan, Bucket, assemble, max_prompt_frames, plan_buckets, prompt_frames, sample_prompt
 from .records import DatasetError, decode_record, iter_items, load_metadata, shard_paths
 
 __all__ = ["DataPipeline", "SPLIT_CODES", "describe", "make_iterator"]
@@ -120,17 +120,26 @@ class DataPipeline:
                 log.warning("%s: %s", st.root, st.meta.get("warning") or "codes come from a RANDOM codec")
 
         # Bucket shapes from every utterance the run can see (train and eval alike), so both splits share them.
-        all_items, _ = _items(main, ("train", "eval"), data)
-        if ev is not None:
-            all_items = all_items + _items(ev, ("train", "eval"), data)[0]
+        main_items = _items(main, ("train", "eval"), data)[0]
+        ev_items = _items(ev, ("train", "eval"), data)[0] if ev is not None else []
+        all_items = main_items + ev_items
         multiple = math.lcm(self.process_count, max(1, int(getattr(data, "batch_multiple", 1))))
-        self.buckets, _ = plan_buckets(np.array([it["text_len"] for it in all_items]),
-                                       np.array([it["frames"] for it in all_items]), cfg.model, data, multiple)  # fmt: skip
+        all_prompts = prompt_frames(np.array([it["index"] for it in all_items], np.int64), data)
+        self.buckets, all_assign = plan_buckets(np.array([it["text_len"] for it in all_items]),
+                                                np.array([it["frames"] for it in all_items]), all_prompts, cfg.model, data,
+                                                multiple)  # fmt: skip
         if not self.buckets:
-            raise DatasetError(f"no bucket of data.length_buckets {list(data.length_buckets)} holds any utterance "
-                               f"(prompts take up to {max_prompt_frames(data)} rows)")  # fmt: skip
+            shortest = min((it["text_len"] + p + it["frames"] + 1 for it, p in zip(all_items, all_prompts)), default=0)
+            raise DatasetError(f"no bucket of data.length_buckets {list(data.length_buckets)} holds any utterance: the "
+                               f"shortest needs {shortest} rows with its prompt (prompts up to "
+                               f"{max_prompt_frames(data)} frames: data.prompt_duration_range)")  # fmt: skip
+        # (store, utterance index) -> (bucket, prompt frames): the main and eval stores number their records apart
+        stores = [main.root] * len(main_items) + [ev.root if ev is not None else ""] * len(ev_items)
+        self._plan_of = {(root, it["index"]): (int(k), int(p))
+                         for root, it, k, p in zip(stores, all_items, all_assign, all_prompts)}  # fmt: skip
+        budget = data.batch_tokens if data.batch_tokens is not None else 0
         for b in self.buckets:
-            if b.batch * b.rows > data.batch_tokens:
+            if budget and b.batch * b.rows > budget:
                 log.warning("bucket of %d rows: batch %d exceeds data.batch_tokens %d (one row per process at least)",
                             b.rows, b.batch, data.batch_tokens)  # fmt: skip
 
@@ -157,8 +166,8 @@ class DataPipeline:
             by_speaker.setdefault(it["speaker"], []).append(it["index"])
         self.pools = {s: np.asarray(sorted(v), np.int64) for s, v in by_speaker.items()}
 
-        shapes = np.array([[it["text_len"], it["frames"]] for it in self.items]).reshape(-1, 2)
-        assign = self._assign(shapes[:, 0], shapes[:, 1])
+        assign = np.array([self._plan_of[(self.store.root, it["index"])][0] for it in self.items], np.int64)
+        self.prompt_target = {it["index"]: self._plan_of[(self.store.root, it["index"])][1] for it in self.items}
         self.dropped = int((assign < 0).sum())
         self.plan = BatchPlan(assign, self.buckets, data.seed, shuffle=(split == "train"))
         if self.plan.per_epoch == 0:
@@ -167,13 +176,6 @@ class DataPipeline:
         log.info("data %s (%s): %d utterances, %d dropped (longer than every bucket), %d outside min/max_duration; "
                  "%d batches per epoch; buckets %s", self.store.root, split, len(self.items), self.dropped,
                  self.filtered, self.plan.per_epoch, self.buckets)  # fmt: skip
-
-    def _assign(self, text_lens: np.ndarray, frames: np.ndarray) -> np.ndarray:
-        assign = np.full(len(text_lens), -1, np.int64)
-        for k, b in enumerate(self.buckets):
-            fits = (assign < 0) & (text_lens <= b.text) & (frames + 1 <= b.resp)
-            assign[fits] = k
-        return assign
 
     @property
     def local_batch(self) -> dict[int, int]:
@@ -210,7 +212,7 @@ class DataPipeline:
             levels.append(int(self.levels[rng.integers(len(self.levels))]))
             pool = self.pools.get(it["speaker"], np.zeros(0, np.int64))
             pool = pool[pool != it["index"]]
-            prom, _ = sample_prompt(rng, pool, self.cfg.data, self.max_prompt, read_codes)
+            prom, _ = sample_prompt(rng, pool, self.cfg.data, self.max_prompt, read_codes, self.prompt_target[it["index"]])
             texts.append(rec["text_ids"].astype(np.int32))
             proms.append(prom)
             resps.append(rec["codes"])

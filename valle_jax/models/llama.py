@@ -6,19 +6,25 @@ Dh head dim, F ffn dim. Parameter names mirror the reference state dict (convert
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from valle_jax.config import ModelConfig
 from valle_jax.models import backbone
+from valle_jax.parallel import constrain
 
 Array = jax.Array
 KVCache = dict[str, Any]  # {"index": [B] int32 rows already cached, "layers": ({"k": [B,L,K,Dh], "v": ...}, ...)}
 
 NEG_INF = -1e30  # finite: a fully masked (padding) row must not produce NaN
+# The residual stream's logical axes: rows split over the batch axes; the model dim whole ("embed" maps to fsdp
+# for weights, but the batch already uses fsdp, and `parallel.spec_for` never uses a mesh axis twice).
+RESIDUAL = ("batch", "length", "embed")
 
 
 def dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, use_bias: bool = False) -> nn.Dense:
@@ -90,6 +96,55 @@ def attend_cudnn(q_BSHD: Array, k_BSKD: Array, v_BSKD: Array, lengths_B: Array) 
     )  # fmt: skip
 
 
+SPLASH_BLOCK = 128  # the splash kernel's tile (its lane width): sequences must be a multiple of it
+
+
+def _splash_local(q_BHSD: Array, k_BHSD: Array, v_BHSD: Array, seg_BS: Array, interpret: bool) -> Array:
+    """Splash attention over the (local) batch: one causal mask per (local) head, padding as segment 0."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    _, H, S, _ = q_BHSD.shape
+    mask = masks.MultiHeadMask([masks.CausalMask((S, S)) for _ in range(H)])
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(q_BHSD, k_BHSD, v_BHSD, seg_BS)
+
+
+def attend_splash(q_BSHD: Array, k_BSKD: Array, v_BSKD: Array, valid_BS: Array, interpret: bool = False) -> Array:
+    """Pallas splash attention (TPU): causal, right padding as segment ids (valid rows 1, padding 0, so a padding
+    row only sees padding and stays finite). GQA by repeating kv heads. Under a mesh the kernel runs per shard
+    (`shard_map` over the batch and head axes of the rules table). `interpret`: Pallas interpret mode (CPU)."""
+    B, S, H, Dh = q_BSHD.shape
+    K = k_BSKD.shape[2]
+    pad = -S % SPLASH_BLOCK  # rows up to the kernel's tile: padding rows (segment 0) only see padding
+    rows = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    q = jnp.swapaxes(rows(q_BSHD * jnp.asarray(Dh**-0.5, q_BSHD.dtype)), 1, 2)  # [B, H, S', Dh]
+    k = jnp.swapaxes(rows(jnp.repeat(k_BSKD, H // K, axis=2)), 1, 2)
+    v = jnp.swapaxes(rows(jnp.repeat(v_BSKD, H // K, axis=2)), 1, 2)
+    seg = rows(valid_BS.astype(jnp.int32))
+    local = functools.partial(_splash_local, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if not mesh.empty and mesh.size > 1 and rules:
+        from valle_jax.parallel import spec_for
+
+        spec = spec_for(("batch", "heads", "length", "kv"), q.shape, mesh, rules)
+        spec = P(*(tuple(spec) + (None,) * (4 - len(spec))))
+        seg_spec = P(spec[0], None)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
+    return jnp.swapaxes(local(q, k, v, seg), 1, 2)[:, :S].astype(q_BSHD.dtype)
+
+
+def attention_path(cfg: ModelConfig, n_rows: int, cached: bool) -> str:
+    """The attention computation a call really runs (a pure function of static facts, so logs and benchmarks name
+    the path that ran): "cudnn" / "splash" for a teacher-forced pass on those kernels (splash pads the rows to its
+    128-row tile), else "xla" (KV-cached passes, `auto` never resolved)."""
+    impl = str(cfg.attention_impl)
+    if cached or impl in ("xla", "auto"):
+        return "xla"
+    return impl
+
+
 def causal_mask(valid_BS: Array) -> Array:
     """[B, S, S]: query i may see key j iff j <= i and j is a valid (non-padding) row (spec 2.6)."""
     S = valid_BS.shape[1]
@@ -116,9 +171,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         B, S, _ = x_BSD.shape
-        q = dense(H * Dh, ("embed", "q_heads"), cfg, "q_proj")(x_BSD).reshape(B, S, H, Dh)
-        k = dense(K * Dh, ("embed", "kv_heads"), cfg, "k_proj")(x_BSD).reshape(B, S, K, Dh)
-        v = dense(K * Dh, ("embed", "kv_heads"), cfg, "v_proj")(x_BSD).reshape(B, S, K, Dh)
+        heads = ("batch", "length", "heads", "kv")
+        q = constrain(dense(H * Dh, ("embed", "q_heads"), cfg, "q_proj")(x_BSD).reshape(B, S, H, Dh), heads)
+        k = constrain(dense(K * Dh, ("embed", "kv_heads"), cfg, "k_proj")(x_BSD).reshape(B, S, K, Dh), heads)
+        v = constrain(dense(K * Dh, ("embed", "kv_heads"), cfg, "v_proj")(x_BSD).reshape(B, S, K, Dh), heads)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
 
         new_cache = None
@@ -128,15 +184,18 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
 
-        drop = None
-        if not deterministic and cfg.dropout > 0:
-            drop = nn.Dropout(cfg.dropout, deterministic=False)
-        if cfg.attention_impl == "cudnn" and layer_cache is None and drop is None:
+        path = attention_path(cfg, S, layer_cache is not None)
+        rate = cfg.attention_dropout_rate
+        if path == "cudnn":
             out = attend_cudnn(q, k, v, valid_BS.sum(-1).astype(jnp.int32))
+        elif path == "splash":
+            out = attend_splash(q, k, v, valid_BS, interpret=jax.default_backend() != "tpu")
         else:
+            drop = nn.Dropout(rate, deterministic=False) if not deterministic and rate > 0 else None
             out = attend_xla(q, k, v, mask_BSL, drop)
-        out = dense(cfg.d_model, ("q_heads", "embed"), cfg, "o_proj")(out.reshape(B, S, H * Dh))
-        return out, new_cache
+        out = constrain(out, heads).reshape(B, S, H * Dh)
+        out = dense(cfg.d_model, ("q_heads", "embed"), cfg, "o_proj")(out)
+        return constrain(out, RESIDUAL), new_cache
 
 
 class MLP(nn.Module):
@@ -148,7 +207,8 @@ class MLP(nn.Module):
         gate = dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "gate_proj")(x_BSD)
         up = dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "up_proj")(x_BSD)
         # hidden_act "gelu" in HF is the exact erf GELU (spec 3.1)
-        return dense(cfg.d_model, ("mlp", "embed"), cfg, "down_proj")(nn.gelu(gate, approximate=False) * up)
+        hidden = constrain(nn.gelu(gate, approximate=False) * up, ("batch", "length", "mlp"))
+        return constrain(dense(cfg.d_model, ("mlp", "embed"), cfg, "down_proj")(hidden), RESIDUAL)
 
 
 class LlamaLayer(nn.Module):
@@ -162,8 +222,8 @@ class LlamaLayer(nn.Module):
         a, new_cache = Attention(cfg, name="self_attn")(
             norm("input_layernorm")(h), cos_sin, mask, valid, layer_cache, index, self.deterministic
         )
-        h = h + a
-        h = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
+        h = constrain(h + a, RESIDUAL)
+        h = constrain(h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h)), RESIDUAL)
         return h, new_cache
 
 

@@ -19,6 +19,9 @@ from valle_jax import layout
 from valle_jax.config import ModelConfig
 from valle_jax.layout import Batch, RowLayout
 from valle_jax.models import backbone as backbones
+from valle_jax.parallel import constrain
+
+RESIDUAL = ("batch", "length", "embed")  # logical axes of the assembled sequence (see models/llama.py)
 
 Array = jax.Array
 
@@ -47,7 +50,40 @@ def audio_weights(cfg: ModelConfig, level_B: Array, n_tables: int, kind: str, n_
     return [w[:, i].astype(jnp.float32) for i in range(n_tables)]
 
 
-def _embed_table(rows: int, dim: int, cfg: ModelConfig, name: str, axes=("vocab", "embed")) -> nn.Embed:
+def _level_range(levels: tuple[int, ...], fallback: tuple[int, int]) -> tuple[int, int]:
+    return (int(levels[0]), int(levels[1])) if levels else fallback
+
+
+def token_dropout_error(cfg: ModelConfig, resp_BRQ: Array, level_B: Array, key: Array) -> Array:
+    """The reference's `token_dropout_error` (training, ar_nar.py): for an item whose target level L lies in
+    `token_dropout_rvq_levels` (empty: [0, resp_levels - 1]), each input code of the levels below L is moved by +1
+    or -1 (equally likely) with probability `token_dropout_error`, then clamped to [1, audio_tokens - 2] (the
+    reference's [1, 1022]). Only inputs change: the targets (level L) are read from the untouched batch."""
+    lo, hi = _level_range(cfg.experimental.token_dropout_rvq_levels, (0, cfg.resp_levels - 1))
+    hit_key, sign_key = jax.random.split(key)
+    L = level_B[:, None, None]
+    below = jnp.arange(resp_BRQ.shape[-1])[None, None, :] < L
+    on = below & (L >= lo) & (L <= hi) & (jax.random.uniform(hit_key, resp_BRQ.shape) < cfg.experimental.token_dropout_error)
+    step = jnp.where(jax.random.bernoulli(sign_key, 0.5, resp_BRQ.shape), 1, -1)
+    moved = jnp.clip(resp_BRQ + step, 1, cfg.audio_tokens - 2)
+    return jnp.where(on, moved, resp_BRQ).astype(resp_BRQ.dtype)
+
+
+def token_dropout_rows(cfg: ModelConfig, n_rows: int, level_B: Array, resp_len_B: Array, key: Array) -> Array:
+    """[B, R] rows of the response embedding that the reference's `token_dropout_rate` replaces by `dropout_token`
+    (training, base.py): items whose target level L lies in `token_dropout_rvq_levels` (empty: [1, resp_levels]),
+    each row with probability `token_dropout_rate`, never the stop token (the last row of a level-0 item)."""
+    lo, hi = _level_range(cfg.experimental.token_dropout_rvq_levels, (1, cfg.resp_levels))
+    L = level_B[:, None]
+    rows = jnp.arange(n_rows)[None, :]
+    eligible = (L >= lo) & (L <= hi) & (rows < resp_len_B[:, None] - (L == 0).astype(resp_len_B.dtype))
+    return eligible & (jax.random.uniform(key, (level_B.shape[0], n_rows)) < cfg.experimental.token_dropout_rate)
+
+
+def _embed_table(rows: int, dim: int, cfg: ModelConfig, name: str, axes=("vocab", "table_embed")) -> nn.Embed:
+    # "table_embed" (replicated by the default rules), not "embed" (fsdp): a lookup's gradient is batch-sharded,
+    # and turning it into an fsdp-sharded table gradient made XLA replicate it ("involuntary full
+    # rematerialization"); the tables are a few percent of the parameters.
     return nn.Embed(
         rows,
         dim,
@@ -105,7 +141,10 @@ class Classifiers(nn.Module):
         if uniform_level:
             logits = jnp.einsum("bsd,dv->bsv", h_BSD, kernels[level_B[0]].astype(self.cfg.dtype), preferred_element_type=jnp.float32)
             return logits + biases[level_B[0]]
-        kernel_BDV = kernels[level_B].astype(self.cfg.dtype)
+        # each item's head as a one-hot product over the stacked heads (exact: 1 x w + 0 x others), whose gradient is
+        # a matmul too; a gather kernels[level_B] made its backward a scatter-add of B [D, V] kernels into L slots
+        onehot = (level_B[:, None] == jnp.arange(len(widths))[None, :]).astype(kernels.dtype)
+        kernel_BDV = jnp.einsum("bl,ldv->bdv", onehot, kernels, precision=jax.lax.Precision.HIGHEST).astype(self.cfg.dtype)
         logits = jnp.einsum("bsd,bdv->bsv", h_BSD, kernel_BDV, preferred_element_type=jnp.float32)
         return logits + biases[level_B][:, None, :]
 
@@ -127,13 +166,13 @@ class VALLE(nn.Module):
         self.resps_emb = AudioTables(cfg, tuple(cfg.l_tokens), name="resps_emb")
         if cfg.version >= 3:
             if cfg.langs > 0:
-                self.langs_emb = _embed_table(cfg.langs, D, cfg, "langs_emb", ("table", "embed"))
+                self.langs_emb = _embed_table(cfg.langs, D, cfg, "langs_emb", ("table", "table_embed"))
             if cfg.tasks > 0:
-                self.tasks_emb = _embed_table(cfg.tasks, D, cfg, "tasks_emb", ("table", "embed"))
+                self.tasks_emb = _embed_table(cfg.tasks, D, cfg, "tasks_emb", ("table", "table_embed"))
         if cfg.version >= 4 and cfg.tones > 0:
-            self.tones_emb = _embed_table(cfg.tones, D, cfg, "tones_emb", ("table", "embed"))
+            self.tones_emb = _embed_table(cfg.tones, D, cfg, "tones_emb", ("table", "table_embed"))
         if cfg.has_rvq_token:
-            self.rvq_l_emb = _embed_table(cfg.resp_levels, D, cfg, "rvq_l_emb", ("table", "embed"))
+            self.rvq_l_emb = _embed_table(cfg.resp_levels, D, cfg, "rvq_l_emb", ("table", "table_embed"))
         self.model = backbones.get(cfg.arch_type).decoder(cfg)
         if cfg.experimental.split_classifiers:
             self.classifiers = Classifiers(cfg)
@@ -150,33 +189,50 @@ class VALLE(nn.Module):
         w = audio_weights(self.cfg, level_B, n_tables, "prom", prom_BPQ.shape[-1])
         return sum(w[k][:, None, None] * self.proms_emb(k, prom_BPQ[..., k]) for k in range(n_tables))
 
-    def embed_resp(self, resp_BRQ: Array, level_B: Array) -> Array:
+    def embed_resp(self, resp_BRQ: Array, level_B: Array, resp_len_B: Array | None = None,
+                   deterministic: bool = True) -> Array:  # fmt: skip
         cfg = self.cfg
+        x = cfg.experimental
+        if not deterministic and x.token_dropout_error > 0:
+            resp_BRQ = token_dropout_error(cfg, resp_BRQ, level_B, self.make_rng("dropout"))
         ar = (level_B == 0).astype(jnp.float32)[:, None, None]
         out = ar * self.resps_emb(0, resp_BRQ[..., 0])
         if cfg.has_nar:
             n_tables = min(cfg.resp_levels - 1, resp_BRQ.shape[-1])
             w = audio_weights(cfg, level_B, n_tables, "resp", resp_BRQ.shape[-1])
             out = out + sum(w[k][:, None, None] * self.resps_emb(k + 1, resp_BRQ[..., k]) for k in range(n_tables))
+        if not deterministic and x.token_dropout_rate > 0 and resp_len_B is not None:
+            drop = token_dropout_rows(cfg, resp_BRQ.shape[1], level_B, resp_len_B, self.make_rng("dropout"))
+            out = jnp.where(drop[..., None], self.dropout_token.astype(out.dtype), out)
         return out
 
-    def embed(self, batch: Batch, n_rows: int | None = None) -> tuple[Array, RowLayout]:
-        """Assemble text · sep · rvq · sep · prom · sep · resp (version 5; no rvq segment before it)."""
+    def embed(self, batch: Batch, n_rows: int | None = None, deterministic: bool = True) -> tuple[Array, RowLayout]:
+        """Assemble text · sep · rvq · sep · prom · sep · resp (version 5; no rvq segment before it). In training
+        (`deterministic` False) the reference's token dropout applies to the response (spec 2.4)."""
         cfg = self.cfg
         n_rows = n_rows or layout.batch_rows(cfg, batch)
         B = batch.text.shape[0]
         embs = [self.text_emb(batch.text)]
         if cfg.has_rvq_token:
             embs.append(self.rvq_l_emb(batch.level)[:, None, :])
-        embs += [self.embed_prom(batch.prom, batch.level), self.embed_resp(batch.resp, batch.level)]
-        lengths, _ = layout.segment_lengths(cfg, batch, jnp)
+        embs += [self.embed_prom(batch.prom, batch.level),
+                 self.embed_resp(batch.resp, batch.level, batch.resp_len, deterministic)]  # fmt: skip
+        lengths, has_sep = layout.segment_lengths(cfg, batch, jnp)
         lay = layout.row_layout(cfg, batch, n_rows, jnp)
-        x = jnp.zeros((B, n_rows, cfg.d_model), jnp.float32)
-        for k, (emb_BND, n_B) in enumerate(zip(embs, lengths)):
-            rows = jnp.take_along_axis(emb_BND, jnp.clip(lay.offset, 0, emb_BND.shape[1] - 1)[..., None], axis=1)
-            x = jnp.where(((lay.segment == k) & (lay.offset < n_B[:, None]))[..., None], rows.astype(jnp.float32), x)
-        x = jnp.where(lay.is_sep[..., None], self.sep.astype(jnp.float32), x)
-        return x.astype(cfg.dtype), lay
+        # Each segment's rows are scattered to their own sequence rows (start + j): unique destinations, so the
+        # backward pass is a plain gather. (Gathering sequence rows from the segments instead, as before, made the
+        # backward a scatter-add with many duplicate indices: every row outside a segment hit its clipped index.)
+        # Padding rows of a segment go to one extra row, dropped at the end.
+        x = jnp.zeros((B, n_rows + 1, cfg.d_model), jnp.float32)
+        start = jnp.zeros((B,), jnp.int32)
+        place = jax.vmap(lambda x1, rows1, emb1: x1.at[rows1].set(emb1))
+        for emb_BND, n_B, sep_B in zip(embs, lengths, has_sep):
+            j = jnp.arange(emb_BND.shape[1], dtype=jnp.int32)[None, :]
+            rows = jnp.where(j < n_B[:, None], start[:, None] + j, n_rows)
+            x = place(x, rows, constrain(emb_BND.astype(jnp.float32), RESIDUAL))
+            start = start + n_B.astype(jnp.int32) + sep_B.astype(jnp.int32)
+        x = jnp.where(lay.is_sep[..., None], self.sep.astype(jnp.float32), x[:, :n_rows])
+        return constrain(x.astype(cfg.dtype), RESIDUAL), lay
 
     def embed_ar_tokens(self, tokens_BC: Array) -> Array:
         """Embedding of newly generated level-0 tokens (AR table R_0, which holds the stop row)."""
@@ -206,9 +262,9 @@ class VALLE(nn.Module):
             for k in range(self.cfg.resp_levels):
                 self.proms_emb(k, jnp.zeros((1,), jnp.int32))
                 self.resps_emb(k, jnp.zeros((1,), jnp.int32))
-        x, lay = self.embed(batch, n_rows)
+        x, lay = self.embed(batch, n_rows, deterministic)
         h, _ = self.backbone(x, lay.positions, lay.valid, None, deterministic)
-        logits = self.logits(h, batch.level, uniform_level)
+        logits = constrain(self.logits(h, batch.level, uniform_level), ("batch", "length", "vocab"))
         return jnp.where(lay.valid[..., None], logits, 0.0), lay
 
 

@@ -1,0 +1,145 @@
+"""Which attention runs where (issue 11): `attention_impl: auto` is cuDNN flash attention on GPU (bf16/fp16), Pallas
+splash attention on TPU and XLA on CPU; attention dropout is explicit and only the XLA path applies it; the splash
+kernel (Pallas interpret mode on this CPU) gives XLA attention's numbers, alone, inside the model and sharded."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from valle_jax.config import AttentionImpl, ConfigError, ModelConfig, describe_attention, load_yaml, resolve_attention, runtime_config
+from valle_jax.layout import make_batch
+from valle_jax.models.llama import attend_splash, attend_xla, attention_path, causal_mask
+from valle_jax.models.valle import VALLE, init_params
+
+
+@pytest.mark.parametrize("platform,dtype,dropout,expected", [
+    ("cpu", "float32", None, "xla"),
+    ("cpu", "bfloat16", None, "xla"),
+    ("gpu", "bfloat16", None, "cudnn"),
+    ("gpu", "float16", None, "cudnn"),
+    ("gpu", "float32", None, "xla"),  # cuDNN's fused attention takes fp16/bf16 only
+    ("tpu", "bfloat16", None, "splash"),
+    ("tpu", "float32", None, "splash"),
+    ("gpu", "bfloat16", 0.1, "xla"),  # an explicit attention dropout keeps the one path that can apply it
+    ("tpu", "bfloat16", 0.1, "xla"),
+    ("tpu", "bfloat16", 0.0, "splash"),
+])  # fmt: skip
+def test_auto_picks_the_kernel_of_the_platform(platform, dtype, dropout, expected):
+    assert resolve_attention("auto", dtype, platform, dropout) == expected
+    cfg = ModelConfig(attention_dropout=dropout)
+    run = runtime_config(cfg, dtype, platform=platform)
+    assert run.attention_impl == expected
+    fused = expected in ("cudnn", "splash")
+    # the dropout that runs: the reference's model.dropout (0.1) on XLA unless set, never any on a fused kernel
+    assert run.attention_dropout_rate == (0.0 if fused else (dropout if dropout is not None else cfg.dropout))
+    for explicit in ("xla", "cudnn", "splash"):  # an explicit choice is kept wherever it is asked for
+        assert resolve_attention(explicit, dtype, platform, None) == explicit
+
+
+def test_dropout_on_a_fused_kernel_is_refused_and_the_default_is_said():
+    for impl in ("cudnn", "splash"):
+        with pytest.raises(ConfigError) as e:
+            ModelConfig(attention_impl=impl, attention_dropout=0.1)
+        msg = str(e.value)
+        assert "model.attention_dropout = 0.1" in msg and f"attention_impl={impl}" in msg and "model.attention_impl=xla" in msg
+        quiet = ModelConfig(attention_impl=impl)  # dropout unset: the fused kernel runs without it, and says so
+        assert quiet.attention_dropout_rate == 0.0
+        line = describe_attention(quiet)
+        assert line.startswith(f"attention {impl}, attention dropout 0") and "model.dropout = 0.1 is not applied" in line
+    xla = ModelConfig(attention_impl="xla")
+    assert xla.attention_dropout_rate == 0.1 and describe_attention(xla) == "attention xla, attention dropout 0.1"
+    with pytest.raises(ConfigError, match="model.attention_dropout = 1.5"):
+        ModelConfig(attention_dropout=1.5)
+
+
+def test_attention_path_names_what_runs():
+    splash = ModelConfig(attention_impl="splash")
+    assert attention_path(splash, 256, cached=False) == "splash"
+    assert attention_path(splash, 200, cached=False) == "splash"  # padded to the kernel's 128-row tile
+    assert attention_path(splash, 256, cached=True) == "xla"  # KV-cached decoding
+    assert attention_path(ModelConfig(attention_impl="cudnn"), 200, cached=False) == "cudnn"
+    assert attention_path(ModelConfig(), 256, cached=False) == "xla"  # auto never resolved
+
+
+def _qkv(B=2, S=200, H=4, K=2, Dh=64, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(B, S, H, Dh)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32)
+    valid = jnp.asarray(np.arange(S)[None, :] < np.array([[S], [S - 37]]), bool)  # the second item right-padded
+    return q, k, v, valid
+
+
+def test_splash_kernel_equals_xla_attention_values_and_gradients():
+    q, k, v, valid = _qkv()
+    mask = causal_mask(valid)
+    ref = attend_xla(q, k, v, mask, None)
+    out = attend_splash(q, k, v, valid, interpret=True)
+    rows = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], atol=2e-5, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(out)))  # padding rows stay finite
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(jnp.where(valid[..., None, None], f(q, k, v), 0.0) ** 2)
+
+    g_ref = jax.grad(loss(lambda q, k, v: attend_xla(q, k, v, mask, None)), argnums=(0, 1, 2))(q, k, v)
+    g_out = jax.grad(loss(lambda q, k, v: attend_splash(q, k, v, valid, interpret=True)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4)
+
+
+def _tiny(impl):
+    cfg = load_yaml(ROOT / "configs" / "tiny.yaml").override({"heads": 1, "attention_impl": impl})  # head_dim 64
+    return dataclasses.replace(cfg, dtype="float32")
+
+
+def _batch(cfg, rows=110):  # the longest item takes 105 rows; splash pads to its 128-row tile
+    items = []
+    for t, p, r, level in ((10, 30, 60, 0), (7, 20, 40, 3)):
+        rng = np.random.default_rng(t)
+        items.append({"text": rng.integers(1, 200, t), "prom": rng.integers(0, 1024, (p, 8)),
+                      "resp": rng.integers(0, 1024, (r, 8)), "level": level})  # fmt: skip
+    return make_batch(items, q=8), rows
+
+
+def test_splash_in_the_model_gives_xla_logits():
+    xla = _tiny("xla")
+    params = init_params(xla, jax.random.key(0))
+    batch, rows = _batch(xla)
+    want, lay = VALLE(xla).apply({"params": params}, batch, n_rows=rows)
+    got, _ = VALLE(_tiny("splash")).apply({"params": params}, batch, n_rows=rows)
+    valid = np.asarray(lay.valid)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=5e-5, rtol=1e-5)
+
+
+def test_splash_sharded_over_a_mesh_gives_the_single_device_numbers():
+    """Under a (data, tensor) mesh the kernel runs per shard (shard_map over batch and heads)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import flax.linen as nn
+
+    from valle_jax import parallel
+    from valle_jax.config import MeshConfig
+
+    q, k, v, valid = _qkv(H=4, K=4)
+    ref = attend_xla(q, k, v, causal_mask(valid), None)
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    rules = parallel.axis_rules(MeshConfig())
+
+    def f(q, k, v, valid):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return attend_splash(q, k, v, valid, interpret=True)
+
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+    assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v, valid))  # the kernel runs per shard
+    out = jax.jit(f)(put(q), put(k), put(v), put(valid))
+    rows = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], atol=2e-5, rtol=1e-5)
+
+
+def test_attention_impl_enum_values():
+    assert [e.value for e in AttentionImpl] == ["auto", "xla", "cudnn", "splash"]
