@@ -82,24 +82,6 @@ def attend_xla(q_BSHD: Array, k_BLKD: Array, v_BLKD: Array, mask_BSL: Array, dro
     return out.reshape(B, S, H, Dh)
 
 
-def attend_cached(q_BSHD: Array, k_BLKD: Array, v_BLKD: Array, mask_BSL: Array) -> Array:
-    """`attend_xla` for a few new rows against a KV cache [B, L, K, Dh], as multiply-reduce fusions that read
-    the cache where it lies: a batched matmul over the (b, k) batch dimensions of this layout would first copy
-    K and V transposed, every layer and every decode step. Same float32 scores and softmax."""
-    B, S, H, Dh = q_BSHD.shape
-    K = k_BLKD.shape[2]
-    q = q_BSHD.reshape(B, S, K, H // K, Dh).astype(jnp.float32)
-    scores = jnp.sum(q[:, :, None] * k_BLKD[:, None, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,S,L,K,G]
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(Dh)))
-    scores = jnp.where(mask_BSL[:, :, :, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=2).astype(v_BLKD.dtype)
-    out = jnp.sum(probs[..., None] * v_BLKD[:, None, :, :, None, :], axis=2, dtype=jnp.float32)  # [B,S,K,G,Dh]
-    return out.astype(q_BSHD.dtype).reshape(B, S, H, Dh)
-
-
-DECODE_ROWS = 8  # new rows against a cache up to this many take `attend_cached` (decode steps, not prefills)
-
-
 def attend_cudnn(q_BSHD: Array, k_BSKD: Array, v_BSKD: Array, lengths_B: Array) -> Array:
     """cuDNN flash attention (GPU, fp16/bf16): causal with right padding given as per-item lengths."""
     return jax.nn.dot_product_attention(
@@ -151,8 +133,6 @@ class Attention(nn.Module):
             drop = nn.Dropout(cfg.dropout, deterministic=False)
         if cfg.attention_impl == "cudnn" and layer_cache is None and drop is None:
             out = attend_cudnn(q, k, v, valid_BS.sum(-1).astype(jnp.int32))
-        elif layer_cache is not None and S <= DECODE_ROWS and drop is None:
-            out = attend_cached(q, k, v, mask_BSL)
         else:
             out = attend_xla(q, k, v, mask_BSL, drop)
         out = dense(cfg.d_model, ("q_heads", "embed"), cfg, "o_proj")(out.reshape(B, S, H * Dh))
