@@ -254,8 +254,8 @@ def ar_generate(
     C = cfg.causal_size
     B = batch.text.shape[0]
     n_iter = max(1, max_steps // C)
-    chunk = max(1, min(chunk, n_iter))
-    n_chunks = -(-n_iter // chunk)
+    n_chunks = -(-n_iter // max(1, min(chunk, n_iter)))
+    chunk = -(-n_iter // n_chunks)  # equal chunks: at most n_chunks - 1 steps past n_iter
     cache_len = prefix_rows(cfg, batch.text.shape[1], batch.prom.shape[1]) + n_iter * C
     sp = sampling_params if sampling_params is not None else greedy_params(B)
     state = empty_state(cfg, B, n_iter * C, cache_len, sp)
@@ -536,10 +536,18 @@ class ARScheduler:
                 self.owner[g] = None
 
     def _attend_len_of(self, occupied: np.ndarray, count: np.ndarray) -> int | None:
-        """Cache rows the next chunk may touch (prefix + tokens of every occupied slot + the chunk's tokens),
-        rounded up to attend_block; None (the whole cache) when that is over half of it."""
-        if not self.attend_block or not occupied.any():
+        """Cache rows the next chunk may touch (prefix + tokens of every occupied slot + the chunk's tokens)."""
+        if not occupied.any():
             return None
         need = int((self.rows + count)[occupied].max()) + self.chunk * self.cfg.causal_size
-        rows = min(-(-need // self.attend_block) * self.attend_block, self.cache_len)
-        return rows if 2 * rows <= self.cache_len else None
+        return attend_length(need, self.cache_len, self.attend_block)
+
+
+def attend_length(need: int, cache_len: int, block: int = ATTEND_BLOCK) -> int | None:
+    """The `attend_len` of a decode call whose slots touch at most `need` cache rows: `need` rounded up to
+    `block` rows (a few compiled variants per job), or None (the whole cache) when that is over half of it,
+    where the copy out and back would cost more than it saves (and memory grows by at most half the cache)."""
+    if not block:
+        return None
+    rows = min(-(-need // block) * block, cache_len)
+    return rows if 2 * rows <= cache_len else None
