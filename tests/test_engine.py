@@ -228,3 +228,31 @@ def test_codec_decodes_the_levels_made():
     assert codec_spec("vocos").decode_levels(3) == 2 and codec_spec("vocos").decode_levels(8) == 8
     with pytest.raises(ValueError, match="decodes 2, 4, 8, 16"):
         codec_spec("vocos").decode_levels(1)
+
+
+@pytest.mark.slow
+def test_fewer_nar_levels_are_decoded_as_made(llama):
+    """max_nar_levels 2: the codec decodes the 3 levels made (EnCodec sums the levels it is given), not 8 levels
+    with zeros for the missing ones; Vocos takes 2 of them (its bandwidths are 2/4/8/16 levels)."""
+    from valle_jax.codec import CodecClient
+
+    cfg, params = llama
+    models = pipeline.Models(cfg, params, cfg, params)
+    requests = _requests(cfg, 2, seed=12, max_tokens=(10, 14))
+    with CodecClient("encodec", random_seed=0) as codec:
+        settings = pipeline.Settings.greedy(slots=2, chunk=4, max_nar_levels=2)
+        outs = list(pipeline.Synthesizer(models, settings, codec).run(requests, progress=False))
+        assert len(outs) == 2 and all(o.error is None for o in outs), [o.error for o in outs]
+        for o in outs:
+            codes = o.codes[0]
+            assert codes.shape[1] == 3 and len(codes) >= 2
+            np.testing.assert_array_equal(o.audio, codec.decode([codes])[0])
+            zero_filled = codec.decode([np.pad(codes, ((0, 0), (0, 5)))])[0]
+            assert o.audio.shape == zero_filled.shape and not np.array_equal(o.audio, zero_filled)  # deterministic decode
+    with CodecClient("vocos", random_seed=0) as vocos:
+        syn = pipeline.Synthesizer(models, settings, vocos)
+        assert syn.decode_levels == 2
+        [audio] = vocos.decode([outs[0].codes[0][:, :2]])
+        assert audio.shape == (len(outs[0].codes[0]) * 320,) and np.isfinite(audio).all()
+        with pytest.raises(pipeline.ConfigError, match="max_nar_levels 0"):
+            pipeline.Synthesizer(models, pipeline.Settings.greedy(max_nar_levels=0), vocos)
