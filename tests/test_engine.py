@@ -256,3 +256,11 @@ def test_fewer_nar_levels_are_decoded_as_made(llama):
         assert audio.shape == (len(outs[0].codes[0]) * 320,) and np.isfinite(audio).all()
         with pytest.raises(pipeline.ConfigError, match="max_nar_levels 0"):
             pipeline.Synthesizer(models, pipeline.Settings.greedy(max_nar_levels=0), vocos)
+
+
+def test_synthesis_mesh_takes_local_devices():
+    assert parallel.synthesis_mesh().devices.size == len(jax.local_devices()) == 8
+    mesh = parallel.synthesis_mesh(2)
+    assert mesh.devices.size == 2 and dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+    with pytest.raises(parallel.ConfigError, match="9: this process has 8"):
+        parallel.synthesis_mesh(9)

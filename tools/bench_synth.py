@@ -75,7 +75,7 @@ def load(args):
     if args.checkpoint:
         from valle_jax.convert import load_any
 
-        cfg, params = load_any(args.checkpoint)
+        cfg, params = load_any(args.checkpoint, heads=args.heads)
     else:
         cfg, params = load_yaml(args.config), None
     if args.set:
@@ -364,6 +364,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "ar+nar-llama-8.yaml"))
     ap.add_argument("--checkpoint")
+    ap.add_argument("--heads", type=int, help="attention heads when the checkpoint does not say (tiny fixtures)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides (dim=256 ...)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--steps", type=int, default=450, help="AR tokens per item (450 = 6 s of audio)")
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
 
     cfg, params = load(args)
     local = jax.local_devices()
-    mesh = parallel.make_mesh(None, local[: args.devices] if args.devices else local)
+    mesh = parallel.synthesis_mesh(args.devices or None)
     rules = parallel.axis_rules()
     base = {"device": local[0].device_kind, "backend": jax.default_backend(), "devices": mesh.devices.size,
             "model": cfg.name, "dim": cfg.d_model, "layers": cfg.n_layers, "dtype": args.dtype, "steps": args.steps,

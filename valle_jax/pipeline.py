@@ -248,7 +248,7 @@ class Synthesizer:
     NAR runs on groups of finished lines; decoding to audio overlaps with generation.
 
     `mesh` (default: one device): the slots of the AR and the items of each NAR batch are split over its batch
-    axes (`parallel.synthesis_mesh()` gives every local device), by the logical-axis `rules` (default: the
+    axes (`parallel.synthesis_mesh()`: every local device), by the logical-axis `rules` (default: the
     training rules); a job's tokens do not depend on the number of devices.
     """
 
