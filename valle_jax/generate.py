@@ -23,7 +23,7 @@ Shapes: B slots, T/P/R text/prompt/response buckets, Q levels, C causal_size, V 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
