@@ -9,7 +9,7 @@
     CodecClient("encodec", random_seed=0)                  # seeded random EnCodec (tests only; never a fallback)
     CodecClient("vocos", weights="path/to/vocos-encodec-24khz")   # EnCodec encodes, Vocos decodes
     CodecClient("dac", weights="path/to/weights_44khz_8kbps_0.0.1.pth")
-    CodecClient("encodec", device="auto")                  # the first CUDA GPU when torch sees one, else the CPU
+    CodecClient("encodec", device="cpu")                   # default "auto": the first CUDA GPU torch sees, else the CPU
 
 Decoding takes the first L' <= `levels` levels of the codes (`decode_levels(n)` says how many of n levels made
 the decoder uses: any count for EnCodec and DAC, 2/4/8/16 for Vocos), so a synthesis that made fewer levels
@@ -91,7 +91,7 @@ class CodecClient(SpawnedWorker):
         *,
         encodec_weights: str | os.PathLike | None = None,
         random_seed: int | None = None,
-        device: str = "cpu",  # "cpu", "cuda", "cuda:N" or "auto" (resolved in the sidecar)
+        device: str = "auto",  # "cpu", "cuda", "cuda:N" or "auto" (resolved in the sidecar)
         levels: int | None = None,
         batch_size: int = 16,
         timeout: float = 600.0,
