@@ -466,3 +466,164 @@ def test_inside_while_loop():
     for i in range(N):
         assert int(a[0, i]) == int(np.argmax(t[prev]))
         prev = int(a[0, i])
+
+
+# ----------------------------------------------------------------------------- job-scale forms (same results)
+
+
+def py_dry_any(row, prev, mult, base, allowed):
+    """py_dry for any token values: out-of-range tokens match and break like others, never penalised."""
+    lengths = {}
+    for i, tok in enumerate(prev):
+        L = 1
+        while L < max(allowed, 50):
+            if i - L < 0 or prev[i - L] != prev[len(prev) - 1 - L]:
+                break
+            L += 1
+        lengths[tok] = max(L, lengths.get(tok, 0))
+    out = list(row)
+    for tok, L in lengths.items():
+        if L < allowed:
+            break
+        if 0 <= tok < len(row):
+            out[tok] -= mult * base ** (L - allowed)
+    return out
+
+
+def test_dry_grouping_any_token_values_and_bounded_matches():
+    rng = np.random.default_rng(11)
+    for trial in range(6):
+        n = int(rng.integers(5, 80))
+        prev = rng.choice([-1, 0, 1, 2, 7, 9], size=n).tolist()
+        row = rng.normal(size=6).tolist()
+        allowed = int(rng.integers(1, 4))
+        hist = jnp.array(prev + [3] * (90 - n))
+        got = S.dry_penalty(jnp.array(row), hist, n, 0.7, 1.4, allowed)
+        close(got, py_dry_any(row, prev, 0.7, 1.4, allowed), rtol=1e-4)
+        # the bound a decode loop compiles (max(50, allowed), features_of) gives the same numbers
+        close(S.dry_penalty(jnp.array(row), hist, n, 0.7, 1.4, allowed, max_match=50), got, rtol=1e-6)
+
+
+def test_dry_bound_matters_only_past_the_cap():
+    hist = jnp.full((80,), 1)  # one token repeated longer than the reference's cap of 50
+    exact = S.dry_penalty(jnp.zeros(4), hist, 80, 1.0, 1.1, 2)
+    close(exact, [0, -(1.1 ** 48), 0, 0], rtol=1e-4)
+    close(S.dry_penalty(jnp.zeros(4), hist, 80, 1.0, 1.1, 2, max_match=50), exact, rtol=1e-6)
+    # a bound below the cap shortens the matches (why features_of never picks one)
+    close(S.dry_penalty(jnp.zeros(4), hist, 80, 1.0, 1.1, 2, max_match=10), [0, -(1.1 ** 8), 0, 0], rtol=1e-4)
+
+
+def py_repetition_any(row, prev, factor, decay):
+    """py_repetition for any token values: out-of-range tokens count in the distance, never penalised."""
+    out, seen = list(row), set()
+    for d, tok in enumerate(reversed(prev), start=1):
+        if tok in seen:
+            continue
+        seen.add(tok)
+        if 0 <= tok < len(row):
+            out[tok] = out[tok] / (factor * d ** decay)
+    return out
+
+
+def test_last_positions_incremental_equals_history():
+    rng = np.random.default_rng(12)
+    V, C = 9, 3
+    history: list[int] = []
+    last = jnp.full((V,), -1, jnp.int32)
+    for step in range(12):
+        sampled = rng.integers(-2, V + 2, size=C)  # out-of-range ids are never penalised
+        num = 1 if step % 3 == 1 else C  # mirostat steps append only their first token
+        last = S.update_last_positions(last, jnp.array(sampled), len(history), num)
+        history += sampled[:num].tolist()
+        want = S.last_positions(jnp.array(history + [0] * 5), len(history), V)
+        assert np.asarray(last).tolist() == np.asarray(want).tolist()
+    row = rng.normal(size=V).astype(np.float32)
+    close(S.repetition_penalty_from_last(jnp.array(row), last, len(history), 1.3, 0.5),
+          py_repetition_any(row.tolist(), history, 1.3, 0.5), rtol=1e-5)
+
+
+def test_one_sort_filter_equals_top_k_then_top_p():
+    rng = np.random.default_rng(13)
+    rows = np.round(rng.normal(size=(40, 30)), 1).astype(np.float32)  # rounded: many ties
+    ks = rng.integers(-2, 35, size=40)
+    ps = rng.choice([0.05, 0.3, 0.7, 0.95, 1.0], size=40)
+    got = jax.vmap(S.top_k_top_p_filter)(jnp.array(rows), jnp.array(ks), jnp.array(ps, jnp.float32))
+    two = jax.vmap(lambda r, k, p: S.top_p_filter(S.top_k_filter(r, k), p))(jnp.array(rows), jnp.array(ks),
+                                                                            jnp.array(ps, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(two))
+    for r, k, p, g in zip(rows, ks, ps, np.asarray(got)):
+        close(g, py_top_p(py_top_k(r.tolist(), int(k)), float(p)))
+
+
+def _random_settings(rng, B):
+    return dict(temperature=rng.choice([0.0, 0.6, 1.0], B), min_temperature=rng.choice([-1.0, 0.3], B),
+                top_k=rng.choice([0, 3, 20], B), top_p=rng.choice([1.0, 0.8], B),
+                repetition_penalty=rng.choice([1.0, 1.3], B), repetition_penalty_decay=rng.choice([0.0, 0.5], B),
+                length_penalty=rng.choice([0.0, 0.4], B), dry_multiplier=rng.choice([0.0, 0.8], B),
+                dry_allowed_length=rng.choice([1, 2, 3], B), mirostat_tau=rng.choice([0.0, 0.0, 3.0], B))
+
+
+def test_compiled_features_give_the_gated_tokens():
+    """A decode loop compiles the steps its items use (features_of) and keeps last positions instead of
+    rereading the history: the tokens, mirostat states and beam scores are those of the gated sampler."""
+    rng = np.random.default_rng(14)
+    B, C, V, N = 6, 2, 40, 24
+    hist = rng.integers(0, V, size=(B, N)).astype(np.int32)
+    lens = rng.integers(0, N, size=B)
+    last = jax.vmap(lambda h, n: S.last_positions(h, n, V))(jnp.array(hist), jnp.array(lens))
+    run = jax.jit(S.sample_ar, static_argnames=("features",))
+    for trial, shared in enumerate((True, False)):
+        settings = _random_settings(rng, B)
+        p = S.ar_defaults(B, mirostat_shared=shared, **settings)
+        f = S.features_of(p)
+        assert f.sampled and f.dry and f.mirostat  # the settings use the steps worth checking
+        logits = jnp.array(rng.normal(size=(B, C, V)) * 2, jnp.float32)
+        key = jax.random.PRNGKey(trial)
+        gated = run(logits, hist, lens, p, key)
+        fixed = run(logits, hist, lens, p, key, features=f, last_seen=last)
+        for a, b in zip(gated, fixed):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    # all greedy: argmax only
+    g = S.ar_defaults(B, temperature=0.0, repetition_penalty=2.0, dry_multiplier=1.0)
+    assert S.features_of(g) == S.NO_FEATURES
+    logits = jnp.array(rng.normal(size=(B, C, V)), jnp.float32)
+    out = S.sample_ar(logits, hist, lens, g, jax.random.PRNGKey(0), features=S.NO_FEATURES)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.argmax(np.asarray(logits), -1))
+    # NAR
+    pn = S.nar_defaults(B, **{k: v for k, v in _random_settings(rng, B).items() if k in S.NAR_SETTINGS})
+    nl = jnp.array(rng.normal(size=(B, 5, V)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(S.sample_nar(nl, pn, jax.random.PRNGKey(1))),
+                                  np.asarray(S.sample_nar(nl, pn, jax.random.PRNGKey(1), S.features_of(pn))))
+
+
+def test_features_of_and_union():
+    f = S.features_of(S.ar_defaults(3, temperature=[0.0, 1.0, 1.0], top_k=[5, 0, 0], dry_multiplier=[1.0, 0.0, 0.5],
+                                    dry_allowed_length=[70, 2, 3], mirostat_tau=[2.0, 0.0, 0.0]))
+    # greedy item 0 needs nothing: its top-k, DRY and mirostat do not count
+    assert f == S.Features(sampled=True, repetition=False, length=False, top_k=False, top_p=False,
+                           dynamic_temperature=False, dry=True, mirostat=False, dry_max_match=50)
+    g = S.features_of(S.ar_defaults(1, temperature=1.0, min_temperature=0.5, dry_multiplier=1.0, dry_allowed_length=64))
+    assert g.dynamic_temperature and g.dry_max_match == 64
+    u = f.union(g)
+    assert u.dry and u.dry_max_match == 64 and u.dynamic_temperature and not u.top_k
+
+
+def test_beam_groups_are_independent_items():
+    """Several items' beams in one batch (consecutive rows of beam_width): each group equals it alone."""
+    rng = np.random.default_rng(15)
+    W, G, V = 3, 2, 12
+    logits = jnp.array(rng.normal(size=(G * W, 1, V)), jnp.float32)
+    p = S.ar_defaults(G * W, temperature=[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], beam_width=W)
+    scores = jnp.array(rng.normal(size=G * W), jnp.float32)
+    lens = jnp.array([0, 0, 0, 4, 4, 4])  # group 0 on its first step, group 1 later
+    hist = jnp.zeros((G * W, 5), jnp.int32)
+    both = S.sample_ar(logits, hist, lens, p, jax.random.PRNGKey(0), beam_scores=scores)
+    for g in range(G):
+        rows = slice(g * W, (g + 1) * W)
+        pg = jax.tree.map(lambda a: a[rows], p)
+        alone = S.sample_ar(logits[rows], hist[rows], lens[rows], pg, jax.random.PRNGKey(0), beam_scores=scores[rows])
+        np.testing.assert_array_equal(np.asarray(both.tokens[rows]), np.asarray(alone.tokens))
+        close(both.beam_scores[rows], alone.beam_scores)
+        np.testing.assert_array_equal(np.asarray(both.beam_source[rows]), np.asarray(alone.beam_source) + g * W)
+    with pytest.raises(ValueError, match="multiple of beam_width"):
+        S.sample_ar(logits[:4], hist[:4], lens[:4], jax.tree.map(lambda a: a[:4], p), jax.random.PRNGKey(0))

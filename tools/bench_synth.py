@@ -1,15 +1,28 @@
-"""Synthesis throughput: one JSON line per measurement.
+"""Synthesis throughput, measured as a job runs it: one JSON line per measurement.
 
-    python tools/bench_synth.py [--config configs/ar+nar-llama-8.yaml | --checkpoint C] [--batch 1 8 64]
-        [--steps 450] [--no-stop] [--dtype bfloat16] [--codec encodec] [--compare-full] [--mixed 64]
+    python tools/bench_synth.py [--config configs/ar+nar-llama-8.yaml | --checkpoint C] [--set model.dim=256 ...]
+        [--batch 1 8 64 256] [--steps 450] [--no-stop] [--sampler greedy cli] [--dtype bfloat16]
+        [--job 256 --job-slots 64 --codec vocos] [--compare-full] [--devices N] [--tpu-aot v5e:2x4]
 
-Random weights unless --checkpoint is given (speed does not depend on the values). Each batch size gives a
-line with `ar_tokens_per_s` (tokens generated per second by the KV-cached AR loop), `nar_seconds` (all NAR
-levels for the batch), `codec_seconds` (decoding the batch to audio in the sidecar, random-weight codec of
-the real architecture) and `audio_seconds_per_s` (seconds of audio per wall second, AR + NAR + codec in
-sequence). `--compare-full` adds the reference's no-cache loop and the speed-up of the cached one.
-`--mixed N` runs a job of N items of mixed lengths through the slot scheduler with and without continuous
-batching. `--no-stop` makes the stop token unreachable so every item decodes exactly --steps tokens.
+Random weights unless --checkpoint is given (speed does not depend on the values). Lines (`bench` field):
+
+* `synth_ar` (per batch size and sampler): `prefill_seconds` (the AR prefixes of the batch into the cache,
+  `prefill_rows_per_s`), then `ar_seconds` / `ar_tokens_per_s` / `ms_per_step`: decoding alone (the chunked
+  decode loop over a filled state, prefill excluded), with `greedy` or the CLI preset sampler (`cli`: what a job
+  runs by default). `ar_tokens_per_s` of batch 1 greedy is the headline AR figure.
+* `synth_nar` (per batch size): every NAR level for the batch of `--steps` frames.
+* `synth_full` (with --compare-full): the reference's full-recompute loop (`ar_generate_full`) against the
+  cached loop on the same batch, both end to end (prefill included) and per generated token.
+* `synth_job` (with --job N): the real pipeline (`pipeline.Synthesizer.run`): N items of mixed lengths
+  (`--steps` / 8 .. `--steps` tokens), continuous batching over `--job-slots` slots split over the devices, NAR
+  batches, codec decoding overlapped (with --codec: a random-weight codec of the real architecture in its sidecar,
+  warm), as `audio_seconds_per_s` (seconds of audio per wall second; = realtime factor). The job runs once to
+  compile and warm up, then is timed.
+* `synth_aot` (with --tpu-aot TOPOLOGY, no TPU needed): the decode chunk and the NAR pass lowered and compiled for
+  that TPU slice with libtpu, slots over all its chips: compiled memory per device and XLA's cost analysis.
+
+`--no-stop` makes the stop token unreachable so every item decodes exactly --steps tokens.
+`--checkpoint X --batch 1 --steps 150 --no-stop` prints a `synth_ar` line with `ar_tokens_per_s`.
 """
 
 from __future__ import annotations
@@ -20,136 +33,386 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+HBM_GIB = {"v5e": 16, "v5p": 95, "v4": 32, "v6e": 32}
 
-from valle_jax import pipeline  # noqa: E402
-from valle_jax.config import load_yaml, runtime_config  # noqa: E402
-from valle_jax.generate import ar_generate_full  # noqa: E402
-from valle_jax.layout import bucket  # noqa: E402
-from valle_jax.models.valle import init_params  # noqa: E402
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
 
 
 def block_stop(cfg, params):
     """Make the stop token unreachable (fixed-length decoding for timing)."""
+    import jax.numpy as jnp
+
     head = params["classifiers"]["proj_0"] if cfg.experimental.split_classifiers else params["classifier"]
     head["bias"] = jnp.asarray(head["bias"]).at[cfg.stop_token].set(-1e9)
     return params
 
 
-def requests_for(cfg, n: int, text_len: int, prom_frames: int, max_tokens: int, seed: int = 0) -> list[pipeline.Request]:
+def requests_for(cfg, n: int, text_len: int, prom_frames: int, max_tokens, seed: int = 0):
+    import numpy as np
+
+    from valle_jax import pipeline
+
     rng = np.random.default_rng(seed)
+    tokens = np.broadcast_to(np.asarray(max_tokens), (n,))
     return [pipeline.Request(i, [np.r_[1, rng.integers(4, cfg.text_tokens, text_len - 2), 2].astype(np.int32)],
-                             rng.integers(0, 1024, (prom_frames, cfg.resp_levels)).astype(np.int32), max_tokens)
+                             rng.integers(0, 1024, (prom_frames, cfg.resp_levels)).astype(np.int32), int(tokens[i]))
             for i in range(n)]  # fmt: skip
 
 
-def timed(fn, *args, repeat: int = 2):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+def load(args):
+    """(cfg, params) as the benchmark runs them: compute dtype, attention, overrides, random or loaded weights."""
+    import jax
+    import jax.numpy as jnp
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "ar+nar-llama-8.yaml"))
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
-    ap.add_argument("--steps", type=int, default=450, help="AR tokens per item (450 = 6 s of audio)")
-    ap.add_argument("--text-len", type=int, default=48)
-    ap.add_argument("--prompt-frames", type=int, default=225, help="prompt length (225 = 3 s)")
-    ap.add_argument("--no-stop", action="store_true")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
-    ap.add_argument("--codec", choices=["encodec", "vocos", "dac"], help="also time decoding to audio (random weights)")
-    ap.add_argument("--compare-full", action="store_true", help="also time the reference's full-recompute loop")
-    ap.add_argument("--mixed", type=int, default=0, help="items in a mixed-length job (0 = skip)")
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args(argv)
+    from valle_jax.config import load_yaml, runtime_config
+    from valle_jax.models.valle import init_params
 
     if args.checkpoint:
         from valle_jax.convert import load_any
 
-        cfg, params = load_any(args.checkpoint)
+        cfg, params = load_any(args.checkpoint, heads=args.heads)
     else:
         cfg, params = load_yaml(args.config), None
+    if args.set:
+        cfg = cfg.override(args.set)
     cfg = runtime_config(cfg, args.dtype, args.attention)
     if params is None:
         params = init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda a: jnp.asarray(a, args.dtype), params)
     if args.no_stop:
         params = block_stop(cfg, params)
-    device = jax.devices()[0].device_kind
-    base = {"bench": "synth", "device": device, "backend": jax.default_backend(), "model": cfg.name, "dim": cfg.d_model,
-            "layers": cfg.n_layers, "dtype": args.dtype, "steps": args.steps, "no_stop": args.no_stop}  # fmt: skip
+    return cfg, params
+
+
+def sampler(name: str, n: int):
+    from valle_jax import sampling
+
+    if name == "greedy":
+        return sampling.make_params(n, temperature=0.0, mirostat_shared=False)
+    return sampling.stack_params([sampling.ar_defaults(1, name, mirostat_shared=False)] * n)
+
+
+def best_of(repeat: int, fn):
+    """(result of the last call, best wall seconds over `repeat` calls); fn blocks until its work is done."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AR: prefill and decode apart
+
+
+def bench_ar(cfg, params, B: int, name: str, args, mesh, rules, base: dict) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from valle_jax import generate as G
+    from valle_jax import pipeline, sampling
+    from valle_jax.layout import bucket, prefix_rows
+
+    C = cfg.causal_size
+    n_iter = max(1, args.steps // C)
+    n_chunks = -(-n_iter // min(args.chunk, n_iter))
+    chunk = -(-n_iter // n_chunks)
+    reqs = requests_for(cfg, B, args.text_len, args.prompt_frames, args.steps)
+    T, Pp = bucket(args.text_len), bucket(args.prompt_frames)
+    batch = pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], pad_to={"text": T, "prom": Pp})
+    cache_len = prefix_rows(cfg, T, Pp) + n_iter * C + C
+    sp = sampler(name, B)
+    feats = sampling.features_of(sp)
+    template = G.empty_state(cfg, B, n_iter * C, cache_len, sp)
+    progs = G.programs(cfg, template, mesh, rules)
+    params = G.place_params(cfg, params, mesh, rules)
+    batch = G.place_batch(batch, mesh, rules)
+    sp = G.place_batch(sp, mesh, rules)
+    limit = jnp.full((B,), n_iter * C, jnp.int32)
+
+    def do_prefill():
+        out = progs.prefill(cfg, params, batch)
+        jax.block_until_ready(out)
+        return out
+
+    do_prefill()  # compile
+    (cache, logits, start), prefill_s = best_of(args.repeat, do_prefill)
+    start_rows = int(np.asarray(start).max())
+
+    def filled():
+        state = jax.device_put(G.empty_state(cfg, B, n_iter * C, cache_len, sp), progs.state_sharding)
+        state = progs.insert(state, jnp.arange(B), cache, logits, start, limit, sp, 1)
+        return jax.block_until_ready(state)
+
+    def do_decode(state):
+        key = jax.random.key(0)
+        for i in range(n_chunks):
+            attend = G.attend_length(start_rows + (i + 1) * chunk * C, cache_len) if args.attend else None
+            state, key = progs.decode(cfg, params, state, key, chunk, feats, attend)
+        return jax.block_until_ready(state)
+
+    do_decode(filled())  # compile every variant
+    best, tokens = float("inf"), 0
+    for _ in range(args.repeat):
+        state = filled()
+        t0 = time.perf_counter()
+        state = do_decode(state)
+        dt = time.perf_counter() - t0
+        if dt < best:
+            best, tokens = dt, int(np.asarray(state.count).sum())
+    emit(dict(base, bench="synth_ar", batch=B, sampler=name, prefill_seconds=round(prefill_s, 5),
+              prefill_rows_per_s=round(B * prefix_rows(cfg, T, Pp) / prefill_s, 1), decode_steps=n_iter,
+              ar_tokens=tokens, ar_seconds=round(best, 5), ar_tokens_per_s=round(tokens / best, 1),
+              ms_per_step=round(1000 * best / n_iter, 4)))  # fmt: skip
+
+
+def bench_nar(cfg, params, B: int, args, mesh, rules, base: dict) -> None:
+    import jax
+    import numpy as np
+
+    from valle_jax import generate as G
+    from valle_jax import pipeline
+    from valle_jax.layout import bucket
+
+    reqs = requests_for(cfg, B, args.text_len, args.prompt_frames, args.steps)
+    rng = np.random.default_rng(3)
+    level0 = [rng.integers(0, 1024, args.steps).astype(np.int32) for _ in reqs]
+    pad = {"text": bucket(args.text_len), "prom": bucket(args.prompt_frames), "resp": bucket(args.steps)}
+    nb = G.place_batch(pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], level0, pad_to=pad),
+                       mesh, rules)  # fmt: skip
+    params = G.place_params(cfg, params, mesh, rules)
+    run = lambda: jax.block_until_ready(pipeline.nar_codes(cfg, params, nb, nb.resp[..., 0]))  # noqa: E731
+    run()
+    _, nar_s = best_of(args.repeat, run)
+    frames = B * args.steps
+    emit(dict(base, bench="synth_nar", batch=B, levels=cfg.resp_levels - 1, frames=frames, nar_seconds=round(nar_s, 5),
+              nar_frames_per_s=round(frames / nar_s, 1)))  # fmt: skip
+
+
+def bench_full(cfg, params, B: int, args, base: dict) -> None:
+    """The reference's full-recompute loop against the cached loop, same batch and steps, both end to end."""
+    import jax
+    import numpy as np
+
+    from valle_jax import pipeline
+    from valle_jax.generate import ar_generate_full
+    from valle_jax.layout import bucket
+
+    reqs = requests_for(cfg, B, args.text_len, args.prompt_frames, args.steps)
+    pad = {"text": bucket(args.text_len), "prom": bucket(args.prompt_frames)}
+    batch = pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], pad_to=pad)
+    full = jax.jit(lambda p, b: ar_generate_full(cfg, p, b, args.steps))
+    cached = lambda: jax.block_until_ready(pipeline.ar_codes(cfg, params, batch, args.steps))  # noqa: E731
+    reference = lambda: jax.block_until_ready(full(params, batch))  # noqa: E731
+    cached(), reference()
+    res, cached_s = best_of(args.repeat, cached)
+    ref, full_s = best_of(1, reference)
+    n = int(np.asarray(res.n_raw).sum())
+    assert n == int(np.asarray(ref.n_raw).sum()), "the two loops generated different numbers of tokens"
+    emit(dict(base, bench="synth_full", batch=B, tokens=n, cached_seconds=round(cached_s, 4),
+              cached_tokens_per_s=round(n / cached_s, 1), full_recompute_seconds=round(full_s, 4),
+              full_recompute_tokens_per_s=round(n / full_s, 1), cached_speedup=round(full_s / cached_s, 2)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real job
+
+
+def bench_job(cfg, params, args, mesh, rules, base: dict) -> None:
+    import numpy as np
+
+    from valle_jax import pipeline
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(max(1, args.steps // 8), args.steps + 1, args.job)
+    reqs = requests_for(cfg, args.job, args.text_len, args.prompt_frames, lengths, seed=2)
+    models = pipeline.Models(cfg, params, cfg, params)
+    settings = pipeline.Settings(slots=args.job_slots, chunk=args.chunk, max_ar_steps=args.steps,
+                                 ar={"temperature": 0.0} if args.job_sampler == "greedy" else {})  # fmt: skip
     codec = None
     if args.codec:
         from valle_jax.codec import CodecClient
 
-        codec = CodecClient(args.codec, random_seed=0, batch_size=64).start()
+        codec = CodecClient(args.codec, random_seed=0, batch_size=64, device=args.codec_device).start()
+    try:
+        syn = pipeline.Synthesizer(models, settings, codec, mesh=mesh, rules=rules)
+        fps = syn.spec.frames_per_second
 
-    fps = cfg.codec_spec.frames_per_second
-    pad = {"text": bucket(args.text_len), "prom": bucket(args.prompt_frames)}
-    for B in args.batch:
-        reqs = requests_for(cfg, B, args.text_len, args.prompt_frames, args.steps)
-        batch = pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], pad_to=pad)
-        res, ar_s = timed(lambda p, b: pipeline.ar_codes(cfg, p, b, args.steps), params, batch, repeat=args.repeat)
-        n_tokens = int(np.asarray(res.n_raw).sum())
-        line = dict(base, batch=B, ar_tokens=n_tokens, ar_seconds=round(ar_s, 4), ar_tokens_per_s=round(n_tokens / ar_s, 1))
-        if args.compare_full:
-            full = jax.jit(lambda p, b: ar_generate_full(cfg, p, b, args.steps))
-            _, full_s = timed(full, params, batch, repeat=1)
-            line.update(full_recompute_seconds=round(full_s, 4), cached_speedup=round(full_s / ar_s, 2))
-        level0 = [pipeline.level0(t[:n], cfg) for t, n in zip(np.asarray(res.tokens), np.asarray(res.n_raw))]
-        R = bucket(args.steps)
-        nb = pipeline.request_batch([r.lines[0] for r in reqs], [r.prom for r in reqs], level0, pad_to={**pad, "resp": R})
-        codes, nar_s = timed(lambda p, b: pipeline.nar_codes(cfg, p, b, b.resp[..., 0]), params, nb, repeat=args.repeat)
-        line.update(nar_seconds=round(nar_s, 4))
-        total = ar_s + nar_s
+        def run():
+            t0 = time.perf_counter()
+            frames = audio = 0.0
+            for out in syn.run(reqs, progress=False):
+                frames += len(out.codes[0])
+                audio += out.seconds if codec is not None else len(out.codes[0]) / fps
+            return frames, audio, time.perf_counter() - t0
+
+        run()  # compile and warm the codec
+        frames, audio, wall = run()
+        emit(dict(base, bench="synth_job", items=args.job, slots=args.job_slots, sampler=args.job_sampler,
+                  codec=args.codec, codec_device=codec.device if codec is not None else None, frames=int(frames),
+                  audio_seconds=round(audio, 2), wall_seconds=round(wall, 3), audio_seconds_per_s=round(audio / wall, 2),
+                  ar_tokens_per_s=round(frames / wall, 1)))  # fmt: skip
+    finally:
         if codec is not None:
-            clips = [pipeline.codec_codes(c[: max(len(t), 1)], cfg) for c, t in zip(np.asarray(codes), level0)]
-            t0 = time.perf_counter()
-            codec.decode(clips)
-            codec_s = time.perf_counter() - t0
-            line.update(codec=args.codec, codec_seconds=round(codec_s, 4))
-            total += codec_s
-        audio = n_tokens / fps
-        line.update(audio_seconds=round(audio, 2), audio_seconds_per_s=round(audio / total, 2),
-                    realtime_factor=round(audio / total, 2))  # fmt: skip
-        print(json.dumps(line), flush=True)
+            codec.close()
 
-    if args.mixed:
-        rng = np.random.default_rng(1)
-        lengths = rng.integers(args.steps // 8, args.steps + 1, args.mixed)
-        reqs = requests_for(cfg, args.mixed, args.text_len, args.prompt_frames, args.steps, seed=2)
-        for r, n in zip(reqs, lengths):
-            r.max_tokens = int(n)
-        models = pipeline.Models(cfg, params, cfg, params)
-        slots = max(args.batch)
-        for continuous in (True, False):
-            settings = pipeline.Settings.greedy(slots=slots, chunk=16, continuous=continuous, max_ar_steps=args.steps)
 
-            def run():
-                return sum(len(o.codes[0]) for o in pipeline.Synthesizer(models, settings).run(reqs, progress=False))
+# ---------------------------------------------------------------------------------------------------------------
+# TPU ahead-of-time compile
 
-            run()  # compile
-            t0 = time.perf_counter()
-            n_tokens = run()
-            dt = time.perf_counter() - t0
-            print(json.dumps(dict(base, bench="synth_job", items=args.mixed, slots=slots, continuous=continuous,
-                                  tokens=n_tokens, seconds=round(dt, 3), ar_tokens_per_s=round(n_tokens / dt, 1),
-                                  items_per_s=round(args.mixed / dt, 3))), flush=True)  # fmt: skip
-    if codec is not None:
-        codec.close()
+
+def tpu_aot(args) -> int:
+    base = {"bench": "synth_aot", "topology": args.tpu_aot, "config": args.config, "set": args.set, "slots": args.batch,
+            "steps": args.steps, "chunk": args.chunk}  # fmt: skip
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        emit({**base, "ok": False, "why": "libtpu is not installed here (pip install 'jax[tpu]' brings the matching "
+              "libtpu; the compile-only TPU client needs it)"})  # fmt: skip
+        return 0
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from valle_jax import generate as G
+    from valle_jax import parallel, sampling
+    from valle_jax.config import load_yaml, runtime_config
+    from valle_jax.layout import Batch, bucket, prefix_rows
+    from valle_jax.models.valle import init_params, logical_axes
+
+    try:
+        topo = topologies.get_topology_desc(args.tpu_aot, "tpu")
+    except Exception as e:  # noqa: BLE001
+        emit({**base, "ok": False, "why": f"no TPU topology {args.tpu_aot!r}: {type(e).__name__}: {e}"})
+        return 1
+    devices = list(topo.devices)
+    cfg = load_yaml(args.config)
+    if args.set:
+        cfg = cfg.override(args.set)
+    cfg = runtime_config(cfg, "bfloat16", "xla")
+    mesh = parallel.make_mesh(None, devices)
+    rules = parallel.axis_rules()
+    B = args.batch[-1]
+    C = cfg.causal_size
+    T, Pp, R = bucket(args.text_len), bucket(args.prompt_frames), bucket(args.steps)
+    cache_len = prefix_rows(cfg, T, Pp) + args.steps + C
+
+    def abstract(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    p_shapes = jax.eval_shape(lambda: jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0))))
+    p_abs = abstract(p_shapes, parallel.param_shardings(p_shapes, logical_axes(cfg), mesh, rules))
+    sp = sampling.stack_params([sampling.ar_defaults(1, "cli", mirostat_shared=False)] * B)
+    state_shapes = jax.eval_shape(lambda: G.empty_state(cfg, B, args.steps, cache_len, sp))
+    progs = G.programs(cfg, state_shapes, mesh, rules)
+    state_abs = abstract(state_shapes, progs.state_sharding)
+    key_abs = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, P()))
+    batch_sh = NamedSharding(mesh, parallel.batch_spec(mesh, rules))
+    shapes = {"text": (B, T), "prom": (B, Pp, cfg.resp_levels), "resp": (B, R, cfg.resp_levels)}
+    batch_abs = Batch(**{f: jax.ShapeDtypeStruct(shapes.get(f, (B,)), jnp.int32, sharding=batch_sh) for f in Batch._fields})
+    nar_features = sampling.features_of(sampling.nar_defaults(1, "cli"))
+    nar = jax.jit(lambda p, b, sp: G.nar_generate(cfg, p, b, b.resp[..., 0], sampling_params=sp, features=nar_features))
+    nsp_abs = abstract(jax.eval_shape(lambda: sampling.nar_defaults(B, "cli")),
+                       jax.tree.map(lambda _: batch_sh, sampling.nar_defaults(B, "cli")))  # fmt: skip
+    programs = {
+        "decode_chunk": lambda: progs.decode.lower(cfg, p_abs, state_abs, key_abs, args.chunk,
+                                                   sampling.features_of(sp), None),  # fmt: skip
+        "nar_pass": lambda: nar.lower(p_abs, batch_abs, nsp_abs),
+    }
+    chip = next((n for n in HBM_GIB if n in args.tpu_aot.lower()), None)
+    status = 0
+    for name, lower in programs.items():
+        t0 = time.perf_counter()
+        try:
+            compiled = lower().compile()
+        except Exception as e:  # noqa: BLE001
+            emit({**base, "program": name, "ok": False, "why": f"{type(e).__name__}: {str(e)[:2000]}"})
+            status = 1
+            continue
+        mem = compiled.memory_analysis()
+        fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes")  # fmt: skip
+        m = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
+        need = m.get("argument_size_in_bytes", 0) + m.get("output_size_in_bytes", 0) - m.get("alias_size_in_bytes", 0) \
+            + m.get("temp_size_in_bytes", 0) + m.get("generated_code_size_in_bytes", 0)  # fmt: skip
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+        hlo = compiled.as_text()
+        emit({**base, "program": name, "ok": True, "device_kind": devices[0].device_kind, "n_devices": len(devices),
+              "mesh": dict(mesh.shape), "model": cfg.name, "dim": cfg.d_model, "layers": cfg.n_layers,
+              "compile_s": round(time.perf_counter() - t0, 2), "memory_per_device_gib": round(need / 2**30, 4),
+              **{k.replace("_in_bytes", "_gib"): round(v / 2**30, 4) for k, v in m.items()},
+              "hbm_gib": HBM_GIB.get(chip), "flops": float(cost.get("flops", 0.0)),
+              "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+              "conditionals": hlo.count("conditional("), "host_transfers": sum(hlo.count(op) for op in
+                                                                                   ("outfeed(", "infeed(", " send(", " recv("))})  # fmt: skip
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "ar+nar-llama-8.yaml"))
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--heads", type=int, help="attention heads when the checkpoint does not say (tiny fixtures)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides (dim=256 ...)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--steps", type=int, default=450, help="AR tokens per item (450 = 6 s of audio)")
+    ap.add_argument("--chunk", type=int, default=32, help="decode steps per compiled call (the job's --chunk)")
+    ap.add_argument("--text-len", type=int, default=48)
+    ap.add_argument("--prompt-frames", type=int, default=225, help="prompt length (225 = 3 s)")
+    ap.add_argument("--no-stop", action="store_true")
+    ap.add_argument("--sampler", nargs="+", default=["greedy", "cli"], choices=["greedy", "cli", "inference", "forward"])
+    ap.add_argument("--no-attend", dest="attend", action="store_false", help="decode attention over the whole cache")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--no-nar", dest="nar", action="store_false")
+    ap.add_argument("--compare-full", action="store_true", help="also time the reference's full-recompute loop")
+    ap.add_argument("--job", type=int, default=0, help="items in a real pipelined job (0 = skip)")
+    ap.add_argument("--job-slots", type=int, default=64)
+    ap.add_argument("--job-sampler", default="cli", choices=["greedy", "cli"])
+    ap.add_argument("--codec", choices=["encodec", "vocos", "dac"], help="decode the job's audio (random weights)")
+    ap.add_argument("--codec-device", default="auto")
+    ap.add_argument("--devices", type=int, default=0, help="local devices for the slots (0 = all)")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--tpu-aot", metavar="TOPOLOGY", help="compile only, for a TPU slice such as v5e:2x4 (libtpu)")
+    args = ap.parse_args(argv)
+    if args.tpu_aot:
+        return tpu_aot(args)
+    if args.codec:
+        from valle_jax.codec import share_gpu_with_codec
+
+        share_gpu_with_codec(args.codec_device)  # before JAX starts
+    import jax
+
+    from valle_jax import parallel
+
+    cfg, params = load(args)
+    local = jax.local_devices()
+    mesh = parallel.synthesis_mesh(args.devices or None)
+    rules = parallel.axis_rules()
+    base = {"device": local[0].device_kind, "backend": jax.default_backend(), "devices": mesh.devices.size,
+            "model": cfg.name, "dim": cfg.d_model, "layers": cfg.n_layers, "dtype": args.dtype, "steps": args.steps,
+            "no_stop": args.no_stop}  # fmt: skip
+    for B in args.batch:
+        for name in args.sampler:
+            bench_ar(cfg, params, B, name, args, mesh, rules, base)
+        if args.nar:
+            bench_nar(cfg, params, B, args, mesh, rules, base)
+        if args.compare_full:
+            bench_full(cfg, params, B, args, base)
+    if args.job:
+        bench_job(cfg, params, args, mesh, rules, base)
     return 0
 
 

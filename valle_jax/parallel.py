@@ -269,3 +269,24 @@ def to_host(tree: Any) -> Any:
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" ({mesh.devices.size} {jax.devices()[0].platform} devices, " \
         f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''})"  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthesis
+
+
+def synthesis_mesh(devices: int | Sequence[Any] | None = None, mesh_cfg: MeshConfig | None = None) -> Mesh:
+    """The mesh a synthesis job decodes on in this process: its local devices (all by default, the first N for an
+    int, or the given list), data-parallel unless `mesh_cfg` says otherwise (the training rules then split the
+    slots over `data` x `fsdp` and, with `tensor` > 1, heads and MLP over `tensor`). A multi-process job gives
+    each process its own share of the manifest, so this mesh never spans processes."""
+    local = jax.local_devices()
+    if devices is None:
+        chosen = local
+    elif isinstance(devices, int):
+        if not 1 <= devices <= len(local):
+            raise ConfigError(f"devices = {devices}: this process has {len(local)} local device(s)")
+        chosen = local[:devices]
+    else:
+        chosen = list(devices)
+    return make_mesh(mesh_cfg, chosen)

@@ -29,7 +29,7 @@ import numpy as np
 
 from valle_jax import sampling
 from valle_jax.config import ConfigError, FrozenMap, ModelConfig, runtime_config
-from valle_jax.generate import ARResult, ARScheduler, ar_generate, nar_generate
+from valle_jax.generate import ARResult, ARScheduler, ar_generate, nar_generate, place_batch, single_device_mesh
 from valle_jax.layout import Batch, before_stop, bucket, make_batch
 
 SILENCE_RMS = 1e-4  # a prompt quieter than this (float samples in [-1, 1]) is treated as silent
@@ -91,6 +91,8 @@ class Settings:
     ar: Mapping[str, float] = field(default_factory=FrozenMap)  # AR sampler settings for every item
     nar: Mapping[str, float] = field(default_factory=FrozenMap)
     language: str = "en"
+    beam_width: int = 0  # > 1: beam search, each item takes this many slots (causal_size 1 models only)
+    mirostat_shared: bool = False  # True: the reference's one mirostat state for the whole batch (parity only)
 
     def __post_init__(self):
         object.__setattr__(self, "ar", FrozenMap(self.ar))
@@ -98,6 +100,8 @@ class Settings:
         for name in ("max_ar_steps", "max_prompt_frames", "max_text_tokens", "slots", "chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+        if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) or self.beam_width < 0:
+            raise ConfigError(f"beam_width = {self.beam_width!r}: expected an integer >= 0")
         if not isinstance(self.max_nar_levels, int) or self.max_nar_levels < 0:
             raise ConfigError(f"max_nar_levels = {self.max_nar_levels!r}: expected an integer >= 0")
         if self.preset not in ("cli", "inference", "forward"):
@@ -157,20 +161,30 @@ def request_batch(texts: Sequence[np.ndarray], proms: Sequence[np.ndarray], resp
     return make_batch(items, pad_to=pad_to)
 
 
-_ar_jit = jax.jit(ar_generate, static_argnums=(0, 3))
-_nar_jit = jax.jit(nar_generate, static_argnums=(0,), static_argnames=("max_levels",))
+_ar_jit = jax.jit(ar_generate, static_argnums=(0, 3), static_argnames=("features", "chunk"))
+_nar_jit = jax.jit(nar_generate, static_argnums=(0,), static_argnames=("max_levels", "features", "with_finite"))
+
+
+def _features(sp: sampling.SamplingParams | None) -> sampling.Features:
+    """The sampler steps a program needs for these settings (greedy when none are given)."""
+    return sampling.NO_FEATURES if sp is None else sampling.features_of(sp)
 
 
 def ar_codes(cfg: ModelConfig, params: Any, batch: Batch, max_steps: int, *, key: jax.Array | None = None,
              sampling_params: sampling.SamplingParams | None = None) -> ARResult:  # fmt: skip
-    """Level-0 tokens of a static batch (one compiled program per shape; device arrays, not waited for)."""
-    return _ar_jit(cfg, params, batch, max_steps, key=key, sampling_params=sampling_params)
+    """Level-0 tokens of a static batch (one compiled program per shape and sampler features; device arrays,
+    not waited for)."""
+    return _ar_jit(cfg, params, batch, max_steps, key=key, sampling_params=sampling_params,
+                   features=_features(sampling_params))  # fmt: skip
 
 
 def nar_codes(cfg: ModelConfig, params: Any, batch: Batch, level0_BR: Any, *, max_levels: int | None = None,
-              key: jax.Array | None = None, sampling_params: sampling.SamplingParams | None = None) -> jax.Array:  # fmt: skip
-    """Codes [B, R, Q]: column 0 the given level-0 codes, levels 1..max_levels from the NAR passes."""
-    return _nar_jit(cfg, params, batch, level0_BR, max_levels=max_levels, key=key, sampling_params=sampling_params)
+              key: jax.Array | None = None, sampling_params: sampling.SamplingParams | None = None,
+              with_finite: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:  # fmt: skip
+    """Codes [B, R, Q]: column 0 the given level-0 codes, levels 1..max_levels from the NAR passes
+    (`with_finite`: and finite [B], False where the item's NAR logits held NaN/inf)."""
+    return _nar_jit(cfg, params, batch, level0_BR, max_levels=max_levels, key=key, sampling_params=sampling_params,
+                    features=_features(sampling_params), with_finite=with_finite)  # fmt: skip
 
 
 def level0(raw: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -310,15 +324,38 @@ class Synthesizer:
     `codec` is a started `valle_jax.codec.CodecClient` (None: `run` yields codes only and no audio; prompts
     must then be given as codes). The AR decodes `settings.slots` lines at a time with continuous batching; the
     NAR runs on groups of finished lines; decoding to audio overlaps with generation.
+
+    `mesh` (default: one device): the slots of the AR and the items of each NAR batch are split over its batch
+    axes (`parallel.synthesis_mesh()`: every local device), by the logical-axis `rules` (default: the
+    training rules); a job's tokens do not depend on the number of devices.
     """
 
-    def __init__(self, models: Models, settings: Settings = Settings(), codec: Any = None):
+    def __init__(self, models: Models, settings: Settings = Settings(), codec: Any = None, *, mesh: Any = None,
+                 rules: Any = None):  # fmt: skip
+        from valle_jax import parallel
         from valle_jax.codec import codec_spec
+        from valle_jax.generate import place_params
 
         self.models, self.settings, self.codec = models, settings, codec
         self.spec = codec_spec(codec.kind if codec is not None else models.codec)
         self.levels = models.nar_cfg.resp_levels
         self._front: dict[tuple[str, str], Any] = {}
+        if settings.beam_width > 1 and models.cfg.causal_size != 1:
+            raise ConfigError(f"beam_width {settings.beam_width}: beam search needs a causal_size 1 model (the "
+                              f"reference's beam path); this one predicts {models.cfg.causal_size} tokens per step")
+        self.made_levels = 1 + min(settings.max_nar_levels, self.levels - 1)  # level 0 + the NAR levels made
+        self.decode_levels = self.made_levels
+        if codec is not None:
+            try:
+                self.decode_levels = codec.decode_levels(self.made_levels)
+            except ValueError as e:
+                raise ConfigError(f"max_nar_levels {settings.max_nar_levels}: {e}") from None
+        self.mesh = mesh if mesh is not None else single_device_mesh()
+        self.rules = rules if rules is not None else parallel.axis_rules()
+        self._batch_divisor = parallel.batch_divisor(self.mesh, self.rules)
+        self._ar_params = place_params(models.cfg, models.params, self.mesh, self.rules)
+        same = models.nar_params is models.params and models.nar_cfg == models.cfg
+        self._nar_params = self._ar_params if same else place_params(models.nar_cfg, models.nar_params, self.mesh, self.rules)
 
     # ----- inputs
     def text_ids(self, text: Any, language: str) -> list[np.ndarray]:
@@ -406,22 +443,30 @@ class Synthesizer:
         lines = [(r, i, ids) for r in requests for i, ids in enumerate(r.lines)]
         if not lines:
             return
-        sched = ARScheduler(m.cfg, m.params, slots=min(st.slots, len(lines)), max_tokens=max(r.max_tokens for r in requests),
+        width = max(1, st.beam_width)
+        sched = ARScheduler(m.cfg, self._ar_params, slots=min(st.slots, len(lines) * width),
+                            max_tokens=max(r.max_tokens for r in requests),
                             text_bucket=bucket(max(len(ids) for _, _, ids in lines)),
                             prom_bucket=bucket(max(len(r.prom) for r in requests)), chunk=st.chunk, seed=st.seed,
-                            continuous=st.continuous)  # fmt: skip
+                            continuous=st.continuous, mesh=self.mesh, rules=self.rules, beam_width=st.beam_width,
+                            mirostat_shared=st.mirostat_shared)  # fmt: skip
         now = time.perf_counter()
         pending = {r.id: _Pending(r, now) for r in requests}
         for r, i, ids in lines:
-            sched.submit((r.id, i), ids, r.prom, r.max_tokens, sampling.ar_defaults(1, st.preset, **{**st.ar, **r.ar}))
+            sched.submit((r.id, i), ids, r.prom, r.max_tokens,
+                         sampling.ar_defaults(1, st.preset, beam_width=st.beam_width, mirostat_shared=st.mirostat_shared,
+                                              **{**st.ar, **r.ar}))  # fmt: skip
         self._key = jax.random.key(st.seed + 1)
         self._buckets = (sched.text_bucket, sched.prom_bucket)
+        group = len(sched.owner)  # lines decoded together: the NAR batches as many
         ready: list[tuple[tuple, np.ndarray]] = []
+        nar: list[_NarBatch] = []  # NAR batches dispatched, not read back yet (the device runs them in order)
         futures: list[tuple[tuple, concurrent.futures.Future]] = []
         bar = tqdm(total=len(lines), desc="synthesize", unit="line", disable=not progress)
         audio_s, t0 = 0.0, time.perf_counter()
         for key, raw, _, finite in sched.run():
             bar.update(1)
+            futures += self._decode(pending, nar)  # NAR batches dispatched before the last AR chunk are done
             if not finite:
                 futures.append((key, _failed(f"line {key[1]}: NaN/inf in the model's logits")))
             else:
@@ -429,37 +474,53 @@ class Synthesizer:
                 ready.append((key, tokens))
                 audio_s += len(tokens) / self.spec.frames_per_second
                 bar.set_postfix(audio_s_per_s=f"{audio_s / (time.perf_counter() - t0):.1f}")
-            while len(ready) >= sched.slots:
-                futures += self._nar_and_decode(pending, ready[: sched.slots])
-                del ready[: sched.slots]
+            while len(ready) >= group:
+                nar.append(self._nar(pending, ready[:group], group))
+                del ready[:group]
             yield from self._collect(futures, pending, wait=False)
         if ready:
-            futures += self._nar_and_decode(pending, ready)
+            nar.append(self._nar(pending, ready, group))
+        futures += self._decode(pending, nar)
         yield from self._collect(futures, pending, wait=True)
         bar.close()
 
-    def _nar_and_decode(self, pending: dict, group: list[tuple[tuple, np.ndarray]]) -> list[tuple[tuple, Any]]:
-        """NAR levels for a group of lines (one batch), then their audio (asynchronous when a codec runs)."""
+    def _nar(self, pending: dict, lines: list[tuple[tuple, np.ndarray]], group: int) -> "_NarBatch":
+        """Dispatch the NAR levels of a group of lines as one batch (not waited for). The batch is padded to a
+        power of two (and to the mesh's batch shards), so a job compiles a few NAR programs only."""
         m, st = self.models, self.settings
-        reqs = [pending[k[0]].request for k, _ in group]
+        n = min(1 << (len(lines) - 1).bit_length(), max(group, len(lines)))
+        n = -(-n // self._batch_divisor) * self._batch_divisor
+        rows = lines + [lines[0]] * (n - len(lines))
+        reqs = [pending[k[0]].request for k, _ in rows]
         text_b, prom_b = self._buckets
-        R = bucket(max(max(len(t), 1) for _, t in group))
-        batch = request_batch([r.lines[k[1]] for r, (k, _) in zip(reqs, group)], [r.prom for r in reqs],
-                              [t for _, t in group], pad_to={"text": text_b, "prom": prom_b, "resp": R})  # fmt: skip
+        R = bucket(max(max(len(t), 1) for _, t in rows))
+        batch = request_batch([r.lines[k[1]] for r, (k, _) in zip(reqs, rows)], [r.prom for r in reqs],
+                              [t for _, t in rows], pad_to={"text": text_b, "prom": prom_b, "resp": R})  # fmt: skip
         sp = sampling.stack_params([sampling.nar_defaults(1, st.preset, **{**st.nar, **r.nar}) for r in reqs])
         self._key, sub = jax.random.split(self._key)
-        codes = np.asarray(nar_codes(m.nar_cfg, m.nar_params, batch, batch.resp[..., 0], max_levels=st.max_nar_levels,
-                                     key=sub, sampling_params=sp))  # fmt: skip
+        batch = place_batch(batch, self.mesh, self.rules)
+        codes, finite = nar_codes(m.nar_cfg, self._nar_params, batch, batch.resp[..., 0], max_levels=st.max_nar_levels,
+                                  key=sub, sampling_params=place_batch(sp, self.mesh, self.rules), with_finite=True)  # fmt: skip
+        return _NarBatch(lines, codes, finite)
+
+    def _decode(self, pending: dict, nar: list["_NarBatch"]) -> list[tuple[tuple, Any]]:
+        """Read back the dispatched NAR batches and send their lines to the codec (asynchronous)."""
+        m = self.models
         out = []
-        for j, (k, tokens) in enumerate(group):
-            c = codec_codes(codes[j, : len(tokens)], m.nar_cfg)
-            pending[k[0]].codes[k[1]] = c
-            if not len(tokens):
-                out.append((k, _done([np.zeros((0,), np.float32)])))
-            elif self.codec is None:
-                out.append((k, _done([None])))
-            else:
-                out.append((k, self.codec.decode_async([c])))
+        for b in nar:
+            codes, finite = np.asarray(b.codes), np.asarray(b.finite)
+            for j, (k, tokens) in enumerate(b.lines):
+                c = codec_codes(codes[j, : len(tokens)], m.nar_cfg, self.made_levels)
+                pending[k[0]].codes[k[1]] = c
+                if not finite[j]:
+                    out.append((k, _failed(f"line {k[1]}: NaN/inf in the NAR model's logits")))
+                elif not len(tokens):
+                    out.append((k, _done([np.zeros((0,), np.float32)])))
+                elif self.codec is None:
+                    out.append((k, _done([None])))
+                else:
+                    out.append((k, self.codec.decode_async([c[:, : self.decode_levels]])))
+        nar.clear()
         return out
 
     def _collect(self, futures: list, pending: dict, wait: bool) -> Iterator[Output]:
@@ -487,7 +548,7 @@ class Synthesizer:
 
     def _finish(self, p: _Pending) -> Output:
         n = len(p.request.lines)
-        codes = [p.codes.get(i, np.zeros((0, self.levels), np.int16)) for i in range(n)]
+        codes = [p.codes.get(i, np.zeros((0, self.made_levels), np.int16)) for i in range(n)]
         wall = round(time.perf_counter() - p.started, 3)
         if p.error:
             return Output(p.request.id, None, codes, p.error, wall_s=wall)
@@ -497,3 +558,10 @@ class Synthesizer:
         if audio.size == 0:
             return Output(p.request.id, None, codes, "the AR stopped at once: no audio", wall_s=wall)
         return Output(p.request.id, audio, codes, None, round(len(audio) / self.spec.sample_rate, 3), wall)
+
+
+@dataclass
+class _NarBatch:
+    lines: list[tuple[tuple, np.ndarray]]  # (item id, line index), level-0 tokens
+    codes: Any  # [n, R, Q] device array
+    finite: Any  # [n]

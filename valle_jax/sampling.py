@@ -26,6 +26,12 @@ AR pipeline (``sample_ar``), per batch item, in the reference order:
 NAR pipeline (``sample_nar``): steps 1, 6, 9, 10, 14 only (the NAR loop of the reference passes only
 temperature / min_temperature / top_k / top_p).
 
+Cost per step in a job (same results as the plain forms): the optional steps are compiled in or out per
+program from the items' settings (`Features`, no ``lax.cond`` per step); top-k and top-p share one sort;
+the repetition penalty reads each token's last position [V] that the decode loop keeps (O(V), not
+O(history)); DRY compares at most max(50, allowed_length) tokens back per position (its exact bound) and
+groups tokens with one sort instead of an N x N table.
+
 Deliberate choices where the reference is undefined, crashes or is not reproducible bit-for-bit:
 
 * Arithmetic is float32 (the reference mixes float32 tensors with float64 Python scalars; results
@@ -44,8 +50,9 @@ Deliberate choices where the reference is undefined, crashes or is not reproduci
   ``num_tokens`` is 1), as the reference appends only the mirostat token.
 * Greedy items never touch the mirostat state (the reference crashes when mirostat and greedy meet).
 * Beam search: the reference only works for a batch of one prompt that it expands to ``beam_width``
-  rows after the first step, with ``causal_size == 1``.  Here the caller keeps ``beam_width`` rows from
-  the start; on the first step (``history_len[0] == 0`` unless ``beam_first_step`` is given) only row 0
+  rows after the first step, with ``causal_size == 1``.  Here the caller keeps ``beam_width`` rows per item
+  from the start (consecutive rows; several items may share a batch, each group on its own); on an item's
+  first step (its row 0 has ``history_len == 0`` unless ``beam_first_step`` is given) only its row 0
   provides candidates.  Greedy rows (temperature <= 0, which crashes the reference's beam path) feed
   their raw logits to the beam selection.  Mirostat takes precedence over beam (as in the reference).
 """
@@ -83,6 +90,12 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "top_k_top_p_filter",
+    "last_positions",
+    "update_last_positions",
+    "repetition_penalty_from_last",
+    "Features",
+    "NO_FEATURES",
+    "features_of",
     "dynamic_temperature",
     "apply_temperature",
     "dry_penalty",
@@ -261,6 +274,32 @@ def _token_mask(history, length, vocab):
     return jnp.where(ok, history, vocab).astype(jnp.int32), pos
 
 
+def last_positions(history, length, vocab: int):
+    """[vocab] int32: the position of each token's most recent occurrence among the first ``length`` history
+    tokens (-1 = absent). Tokens outside [0, vocab) are left out. A decode loop keeps this per slot and
+    updates it with `update_last_positions`, so the repetition penalty never rereads the history."""
+    idx, pos = _token_mask(history, length, vocab)
+    return jnp.full((vocab,), -1, jnp.int32).at[idx].max(pos.astype(jnp.int32), mode="drop")
+
+
+def update_last_positions(last, tokens, start, count):
+    """`last` [V] after appending ``tokens[:count]`` at positions start, start + 1, ...; other tokens ignored."""
+    vocab = last.shape[-1]
+    tokens = jnp.asarray(tokens, jnp.int32)
+    c = jnp.arange(tokens.shape[-1], dtype=jnp.int32)
+    ok = (c < count) & (tokens >= 0) & (tokens < vocab)
+    return last.at[jnp.where(ok, tokens, vocab)].max(start + c, mode="drop")
+
+
+def repetition_penalty_from_last(logits, last, length, factor, decay):
+    """`repetition_penalty` from the last-occurrence positions [V] (`last_positions`): O(V), any history."""
+    logits = jnp.asarray(logits)
+    present = last >= 0
+    dist = jnp.maximum(length - last, 1).astype(jnp.float32)
+    divisor = jnp.where(present, factor * jnp.power(dist, decay), 1.0).astype(logits.dtype)
+    return jnp.where(factor != 1.0, logits / divisor, logits)
+
+
 def repetition_penalty(logits, history, length, factor, decay):
     """Reference ``reptition_penalize`` (one_time=True) over a padded history.
 
@@ -269,13 +308,8 @@ def repetition_penalty(logits, history, length, factor, decay):
     by ``factor * d**decay``, in every row.  No-op when ``factor == 1``.
     """
     logits = jnp.asarray(logits)
-    vocab = logits.shape[-1]
-    idx, pos = _token_mask(history, length, vocab)
-    last = jnp.full((vocab,), -1, jnp.int32).at[idx].max(pos.astype(jnp.int32), mode="drop")
-    present = last >= 0
-    dist = jnp.maximum(length - last, 1).astype(jnp.float32)
-    divisor = jnp.where(present, factor * jnp.power(dist, decay), 1.0).astype(logits.dtype)
-    return jnp.where(factor != 1.0, logits / divisor, logits)
+    last = last_positions(history, length, logits.shape[-1])
+    return repetition_penalty_from_last(logits, last, length, factor, decay)
 
 
 def length_penalty(logits, length, factor, stop_token: int = STOP_TOKEN):
@@ -325,8 +359,28 @@ def top_p_filter(logits, top_p):
 
 
 def top_k_top_p_filter(logits, top_k, top_p):
-    """Top-k, then top-p (each only where enabled)."""
-    return top_p_filter(top_k_filter(logits, top_k), top_p)
+    """Top-k, then top-p (each only where enabled), with one sort.
+
+    The kept top-k logits are a prefix of the descending (stable) order and keep their order after
+    filtering, so top-p runs on the same sorted row; the result goes back by scattering through the
+    permutation (no second or inverse sort). Equal to ``top_p_filter(top_k_filter(x, k), p)``.
+    """
+    logits = jnp.asarray(logits)
+    vocab = logits.shape[-1]
+    k = _per_row(top_k, logits)
+    p = _per_row(top_p, logits)
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    srt = jnp.take_along_axis(logits, order, axis=-1)
+    kth = jnp.take_along_axis(srt, jnp.clip(k, 1, vocab).astype(jnp.int32) - 1, axis=-1)
+    srt = jnp.where((k > 0) & (srt < kth), _NEG_INF, srt)
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    remove = cum > p
+    remove = jnp.concatenate([jnp.zeros_like(remove[..., :1]), remove[..., :-1]], axis=-1)
+    srt = jnp.where(remove & (p < 1.0), _NEG_INF, srt)
+    flat_order = order.reshape(-1, vocab)
+    rows = jnp.arange(flat_order.shape[0])[:, None]
+    out = jnp.zeros_like(flat_order, dtype=logits.dtype).at[rows, flat_order].set(srt.reshape(-1, vocab))
+    return out.reshape(logits.shape)
 
 
 def dynamic_temperature(logits, temperature, min_temperature):
@@ -369,7 +423,8 @@ def dry_penalty(logits, history, length, multiplier, base=1.75, allowed_length=2
 
     ``max_match`` (static) caps the number of comparisons (lengths <= max_match) to save work; the
     result is exact whenever ``max_match >= max(allowed_length, 50)``.  ``None`` = exact always.
-    Cost is O(N * min(N, max_match) + N^2) per item.
+    Cost: O(N * min(N, max_match)) comparisons plus one sort of the history (tokens are grouped by a
+    stable sort, so any token values work, in or out of [0, V)).
     """
     logits = jnp.asarray(logits)
     vocab = logits.shape[-1]
@@ -396,15 +451,17 @@ def dry_penalty(logits, history, length, multiplier, base=1.75, allowed_length=2
         run = jnp.zeros((n_hist,), jnp.int32)
     match_len = 1 + run  # [N]
 
-    same = (hist[:, None] == hist[None, :]) & valid[:, None] & valid[None, :]
-    token_len = jnp.max(jnp.where(same, match_len[None, :], 0), axis=1)  # per position, its token's max
-    first_seen = valid & ~jnp.any(same & (pos[None, :] < pos[:, None]), axis=1)
-    short = valid & (token_len < allowed)
-    stop_at = jnp.min(jnp.where(short, pos, n_hist))  # the `break`
-    penalised = first_seen & (pos < stop_at)
+    # group the valid positions by token: stable sort by (invalid, token); positions stay ascending in a group
+    invalid, tok, at = jax.lax.sort(((~valid).astype(jnp.int32), hist, pos), num_keys=2, is_stable=True)
+    start = jnp.concatenate([jnp.ones((1,), bool), (tok[1:] != tok[:-1]) | (invalid[1:] != invalid[:-1])])
+    group = jnp.cumsum(start.astype(jnp.int32)) - 1
+    token_len = jax.ops.segment_max(match_len[at], group, num_segments=n_hist, indices_are_sorted=True)[group]
+    first = start & (invalid == 0)  # a token's first occurrence (its group's lowest position)
+    stop_at = jnp.min(jnp.where(first & (token_len < allowed), at, n_hist))  # the `break`
+    penalised = first & (at < stop_at)
     amount = multiplier * jnp.power(jnp.asarray(base, jnp.float32),
                                     (token_len - allowed).astype(jnp.float32))
-    idx = jnp.where(penalised & (hist >= 0) & (hist < vocab), hist, vocab)
+    idx = jnp.where(penalised & (tok >= 0) & (tok < vocab), tok, vocab)
     delta = jnp.zeros((vocab,), jnp.float32).at[idx].add(jnp.where(penalised, amount, 0.0), mode="drop")
     out = logits - delta.astype(logits.dtype)
     return jnp.where(multiplier > 0.0, out, logits)
@@ -509,9 +566,70 @@ def item_keys(key, batch_size: int):
 # --------------------------------------------------------------------------------------------------
 
 
+class Features(NamedTuple):
+    """Which sampler steps a compiled program holds (static: part of a jit's static arguments).
+
+    Without features (``None``) each optional step sits behind a ``lax.cond`` on the batch's settings, which
+    suits eager use and tests; on a GPU every such gate reads its predicate back to the host once per step.
+    A decode loop instead compiles one variant for the settings of the items it may hold (`features_of`):
+    steps no item uses are left out, the others run for every item and are no-ops where an item disables
+    them, so the tokens are the same either way.
+    """
+
+    sampled: bool = True  # some item has temperature > 0 (False: argmax only)
+    repetition: bool = True
+    length: bool = True
+    top_k: bool = True
+    top_p: bool = True
+    dynamic_temperature: bool = True
+    dry: bool = True
+    mirostat: bool = True
+    dry_max_match: Optional[int] = None  # static bound of DRY's match lengths (None: the history length)
+
+    def union(self, other: "Features") -> "Features":
+        """The features of a program that must serve the items of both."""
+        flags = [a or b for a, b in zip(self[:-1], other[:-1])]
+        caps = [m for m, on in ((self.dry_max_match, self.dry), (other.dry_max_match, other.dry)) if on]
+        cap = None if not caps or None in caps else max(caps)
+        return Features(*flags, dry_max_match=cap)
+
+
+NO_FEATURES = Features(False, False, False, False, False, False, False, False, None)
+
+
+def features_of(params: SamplingParams) -> Features:
+    """The smallest `Features` that sample ``params`` exactly (reads the settings on the host). Greedy items
+    (temperature <= 0) use no step. DRY's match lengths are bounded by max(50, the largest allowed length),
+    which is exact (`dry_penalty`)."""
+    g = {name: np.asarray(getattr(params, name)) for name in SETTINGS}
+    t = g["temperature"].astype(np.float32)
+    tmin = g["min_temperature"].astype(np.float32)
+    tmin = np.where(tmin < 0, t, tmin)
+    on = t > 0.0
+    dry = on & (g["dry_multiplier"] > 0.0)
+    return Features(
+        sampled=bool(on.any()),
+        repetition=bool((on & (g["repetition_penalty"] != 1.0)).any()),
+        length=bool((on & (g["length_penalty"] != 0.0)).any()),
+        top_k=bool((on & (g["top_k"] > 0)).any()),
+        top_p=bool((on & (g["top_p"] < 1.0)).any()),
+        dynamic_temperature=bool((on & (np.abs(t - tmin) >= np.float32(DYNAMIC_TEMPERATURE_THRESHOLD))).any()),
+        dry=bool(dry.any()),
+        mirostat=bool((on & (g["mirostat_tau"] > 0.0)).any()),
+        dry_max_match=int(max(DRY_MIN_CAP, g["dry_allowed_length"][dry].max())) if dry.any() else None,
+    )
+
+
 def _gate(pred, fn, x, *args):
     """Run fn(x, *args) only when pred (a batch-level bool) holds; fn must leave disabled items as-is."""
     return jax.lax.cond(pred, lambda: fn(x, *args), lambda: x)
+
+
+def _step(features, flag: str, pred, fn, x, *args):
+    """A sampler step: behind a `_gate` without features, else compiled in (or out) by the static flag."""
+    if features is None:
+        return _gate(pred, fn, x, *args)
+    return fn(x, *args) if getattr(features, flag) else x
 
 
 def _temperatures(params):
@@ -523,43 +641,61 @@ def _temperatures(params):
     return jnp.where(is_greedy, 1.0, t), jnp.where(is_greedy, 1.0, tmin), is_greedy
 
 
-def _filter_and_temper(x, params):
+def _filter_and_temper(x, params, features=None):
     p = params
-    x = _gate(jnp.any(p.top_k > 0), jax.vmap(top_k_filter), x, p.top_k)
-    x = _gate(jnp.any(p.top_p < 1.0), jax.vmap(top_p_filter), x, p.top_p)
+    if features is None:
+        x = _gate(jnp.any(p.top_k > 0) | jnp.any(p.top_p < 1.0), jax.vmap(top_k_top_p_filter), x, p.top_k, p.top_p)
+    elif features.top_k or features.top_p:
+        x = jax.vmap(top_k_top_p_filter)(x, p.top_k, p.top_p)
     t, tmin, is_greedy = _temperatures(p)
-    x = jax.vmap(apply_temperature)(x, t, tmin)
+    if features is None or features.dynamic_temperature:
+        x = jax.vmap(apply_temperature)(x, t, tmin)
+    else:  # no item has a dynamic temperature: plain division, as apply_temperature does for them
+        x = x / t.astype(x.dtype)[:, None, None]
     return x, is_greedy
 
 
 def process_logits_ar(logits, history, history_len, params: SamplingParams, *,
-                      stop_token: int = STOP_TOKEN, dry_max_match: Optional[int] = None):
+                      stop_token: int = STOP_TOKEN, dry_max_match: Optional[int] = None,
+                      features: Optional[Features] = None, last_seen=None):
     """Steps 1-11 on AR logits [B, C, V]; returns (processed [B, C, V], is_greedy [B], argmax [B, C]).
 
     Greedy items' processed rows are meaningless (they are replaced by the argmax).
+    ``last_seen`` [B, V] (`last_positions` of each item's history, kept by a decode loop) makes the
+    repetition penalty O(V) instead of reading the history. ``features``: see `Features`.
     """
     x0 = jnp.asarray(logits).astype(jnp.float32)
     history = jnp.asarray(history)
     history_len = jnp.asarray(history_len, jnp.int32)
     p = params
+    f = features
     argmax = greedy(x0)
-    x = _gate(jnp.any(p.repetition_penalty != 1.0), jax.vmap(repetition_penalty), x0,
-              history, history_len, p.repetition_penalty, p.repetition_penalty_decay)
-    x = _gate(jnp.any(p.length_penalty != 0.0),
-              jax.vmap(lambda l, n, f: length_penalty(l, n, f, stop_token)),
+    if f is not None and not f.sampled:
+        return x0, p.temperature <= 0.0, argmax
+    if last_seen is not None:
+        x = _step(f, "repetition", jnp.any(p.repetition_penalty != 1.0), jax.vmap(repetition_penalty_from_last), x0,
+                  jnp.asarray(last_seen, jnp.int32), history_len, p.repetition_penalty, p.repetition_penalty_decay)
+    else:
+        x = _step(f, "repetition", jnp.any(p.repetition_penalty != 1.0), jax.vmap(repetition_penalty), x0,
+                  history, history_len, p.repetition_penalty, p.repetition_penalty_decay)
+    x = _step(f, "length", jnp.any(p.length_penalty != 0.0),
+              jax.vmap(lambda l, n, fac: length_penalty(l, n, fac, stop_token)),
               x, history_len, p.length_penalty)
-    x, is_greedy = _filter_and_temper(x, p)
-    x = _gate(jnp.any(p.dry_multiplier > 0.0),
-              jax.vmap(lambda l, h, n, m, b, a: dry_penalty(l, h, n, m, b, a, dry_max_match)),
+    x, is_greedy = _filter_and_temper(x, p, f)
+    cap = dry_max_match if dry_max_match is not None else (f.dry_max_match if f is not None else None)
+    x = _step(f, "dry", jnp.any(p.dry_multiplier > 0.0),
+              jax.vmap(lambda l, h, n, m, b, a: dry_penalty(l, h, n, m, b, a, cap)),
               x, history, history_len, p.dry_multiplier, p.dry_base, p.dry_allowed_length)
     return x, is_greedy, argmax
 
 
-def process_logits_nar(logits, params: SamplingParams):
+def process_logits_nar(logits, params: SamplingParams, features: Optional[Features] = None):
     """Steps 1, 9, 10 on NAR logits [B, T, V]; returns (processed, is_greedy [B], argmax [B, T])."""
     x0 = jnp.asarray(logits).astype(jnp.float32)
     argmax = greedy(x0)
-    x, is_greedy = _filter_and_temper(x0, params)
+    if features is not None and not features.sampled:
+        return x0, params.temperature <= 0.0, argmax
+    x, is_greedy = _filter_and_temper(x0, params, features)
     return x, is_greedy, argmax
 
 
@@ -571,10 +707,25 @@ class ARSample(NamedTuple):
     beam_source: jax.Array  # [B] source row of each beam slot's token (arange when beam is off)
 
 
+def _beam_groups(rows, scores, history_len, beam_width: int, beam_first_step):
+    """The beam step of each group of ``beam_width`` consecutive rows (an item's beams); rows [B, V]."""
+    bsz, vocab = rows.shape
+    groups = bsz // beam_width
+    if beam_first_step is None:
+        first = history_len.reshape(groups, beam_width)[:, 0] == 0
+    else:
+        first = jnp.broadcast_to(jnp.asarray(beam_first_step), (groups,))
+    tok, new_scores, src = jax.vmap(lambda r, s, f: beam_search_step(r, s, beam_width, f))(
+        rows.reshape(groups, beam_width, vocab), scores.reshape(groups, beam_width), first)
+    src = src + (jnp.arange(groups, dtype=jnp.int32) * beam_width)[:, None]
+    return tok.reshape(bsz), new_scores.reshape(bsz), src.reshape(bsz)
+
+
 def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
               mirostat_mu=None, beam_scores=None, beam_first_step=None,
               stop_token: int = STOP_TOKEN, dry_max_match: Optional[int] = None,
-              mirostat_n: int = MIROSTAT_N) -> ARSample:
+              mirostat_n: int = MIROSTAT_N, features: Optional[Features] = None,
+              last_seen=None) -> ARSample:
     """Full AR sampler (spec 6.4, steps 1-14) for one decode step.
 
     logits: [B, C, V] (the last ``causal_size`` rows per item) or [B, V].
@@ -582,7 +733,9 @@ def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
     key: one PRNG key; item i uses ``fold_in(key, i)``.
     mirostat_mu: [B] state (default: ``init_mirostat_mu(params)``); carry ``result.mirostat_mu``.
     beam_scores: [B] running scores when ``params.beam_width > 1`` (default ``init_beam_scores``);
-    beam mode needs B == beam_width rows and C == 1.
+    beam mode needs C == 1 and B a multiple of beam_width: each run of beam_width consecutive rows is one
+    item's beams (the reference's beam search of a batch of one, per item).
+    features / last_seen: see `Features` and `process_logits_ar` (same tokens, less work).
     """
     logits = jnp.asarray(logits)
     squeeze = logits.ndim == 2
@@ -590,10 +743,11 @@ def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
         logits = logits[:, None, :]
     bsz, crows, vocab = logits.shape
     p = params
+    f = features
     history_len = jnp.asarray(history_len, jnp.int32)
 
-    x, is_greedy, argmax = process_logits_ar(logits, history, history_len, p,
-                                             stop_token=stop_token, dry_max_match=dry_max_match)
+    x, is_greedy, argmax = process_logits_ar(logits, history, history_len, p, stop_token=stop_token,
+                                             dry_max_match=dry_max_match, features=f, last_seen=last_seen)
     keys = item_keys(key, bsz)
     cat_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     miro_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
@@ -605,14 +759,17 @@ def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
     num = jnp.full((bsz,), crows, jnp.int32)
 
     if p.beam_width > 1:
-        if bsz != p.beam_width or crows != 1:
-            raise ValueError(f"beam search needs logits [beam_width={p.beam_width}, 1, V], got {logits.shape}")
-        first = (history_len[0] == 0) if beam_first_step is None else jnp.asarray(beam_first_step)
+        if bsz % p.beam_width or crows != 1:
+            raise ValueError(f"beam search needs logits [a multiple of beam_width={p.beam_width}, 1, V], "
+                             f"got {logits.shape}")
         rows = jnp.where(is_greedy[:, None], logits[:, 0, :].astype(jnp.float32), x[:, 0, :])
-        btok, new_scores, bsrc = beam_search_step(rows, scores, p.beam_width, first)
+        btok, new_scores, bsrc = _beam_groups(rows, scores, history_len, p.beam_width, beam_first_step)
         tokens = btok[:, None]
     else:
-        tokens = jax.vmap(categorical)(cat_keys, x)
+        if f is None or f.sampled:
+            tokens = jax.vmap(categorical)(cat_keys, x)
+        else:
+            tokens = argmax
         new_scores, bsrc = scores, source
 
     miro_active = (p.mirostat_tau > 0.0) & ~is_greedy
@@ -622,14 +779,20 @@ def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
                                      miro_active, shared=p.mirostat_shared, n=mirostat_n)
         return tok, new_mu
 
-    miro_tok, new_mu = jax.lax.cond(jnp.any(miro_active), run_mirostat,
-                                    lambda _: (jnp.full((bsz,), -1, jnp.int32), mu), None)
-    miro_cols = jnp.concatenate(
-        [miro_tok[:, None], jnp.full((bsz, crows - 1), -1, jnp.int32)], axis=1)
-    tokens = jnp.where(miro_active[:, None], miro_cols, tokens)
-    num = jnp.where(miro_active, 1, num)
-    new_scores = jnp.where(miro_active, scores, new_scores)
-    bsrc = jnp.where(miro_active, source, bsrc)
+    if f is None or f.mirostat:
+        if f is None:
+            miro_tok, new_mu = jax.lax.cond(jnp.any(miro_active), run_mirostat,
+                                            lambda _: (jnp.full((bsz,), -1, jnp.int32), mu), None)
+        else:
+            miro_tok, new_mu = run_mirostat(None)
+        miro_cols = jnp.concatenate(
+            [miro_tok[:, None], jnp.full((bsz, crows - 1), -1, jnp.int32)], axis=1)
+        tokens = jnp.where(miro_active[:, None], miro_cols, tokens)
+        num = jnp.where(miro_active, 1, num)
+        new_scores = jnp.where(miro_active, scores, new_scores)
+        bsrc = jnp.where(miro_active, source, bsrc)
+    else:
+        new_mu = mu
 
     if p.beam_width <= 1:
         tokens = jnp.where(is_greedy[:, None], argmax, tokens)
@@ -639,10 +802,12 @@ def sample_ar(logits, history, history_len, params: SamplingParams, key, *,
     return ARSample(tokens, num, new_mu, new_scores, bsrc)
 
 
-def sample_nar(logits, params: SamplingParams, key) -> jax.Array:
+def sample_nar(logits, params: SamplingParams, key, features: Optional[Features] = None) -> jax.Array:
     """NAR sampler: logits [B, T, V] -> tokens [B, T] (temperature/min_temperature/top_k/top_p only)."""
     logits = jnp.asarray(logits)
-    x, is_greedy, argmax = process_logits_nar(logits, params)
+    x, is_greedy, argmax = process_logits_nar(logits, params, features)
+    if features is not None and not features.sampled:
+        return argmax
     keys = item_keys(key, logits.shape[0])
     tokens = jax.vmap(categorical)(keys, x)
     return jnp.where(is_greedy[:, None], argmax, tokens).astype(jnp.int32)

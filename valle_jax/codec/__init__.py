@@ -35,6 +35,7 @@ from .client import (
     CodecError,
     CodecSpec,
     CodecTimeoutError,
+    share_gpu_with_codec,
 )
 from .files import CodecFileError, read_codes, write_codes
 from .specs import CodecKind, codec_spec
@@ -63,6 +64,7 @@ __all__ = [
     "WeightsChecksumError",
     "codec_spec",
     "read_audio",
+    "share_gpu_with_codec",
     "read_codes",
     "to_mono",
     "write_codes",

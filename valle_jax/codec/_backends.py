@@ -80,6 +80,14 @@ def _to_numpy_codes(codes: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(codes.t().to(torch.int16).cpu().numpy())
 
 
+def _by_levels(codes_list: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of the items with the same number of levels, per level count (in first-seen order)."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(codes_list):
+        groups.setdefault(int(c.shape[1]), []).append(i)
+    return list(groups.values())
+
+
 def _batches(lengths: Sequence[int], batch_size: int, equal_lengths: bool) -> list[list[int]]:
     """Index groups to decode together: sorted by length; only equal lengths together when `equal_lengths`."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -191,21 +199,23 @@ class EncodecCodec(_Codec):
         return _to_numpy_codes(codes[0]), metadata
 
     def _decode_group(self, codes: torch.Tensor) -> torch.Tensor:
-        """[B, L, T] long -> [B, samples] float."""
+        """[B, L, T] long (the first L levels) -> [B, samples] float."""
         return self.encodec.decode([(codes, None)])[:, 0]
 
     @torch.inference_mode()
     def decode(self, codes_list: Sequence[np.ndarray]) -> list[np.ndarray]:
-        lengths = [int(c.shape[0]) for c in codes_list]
         out: list[np.ndarray | None] = [None] * len(codes_list)
-        for group in _batches(lengths, self.batch_size, equal_lengths=not self.causal):
-            t_max = max(lengths[i] for i in group)
-            batch = torch.zeros((len(group), self.levels, t_max), dtype=torch.long)
-            for row, i in enumerate(group):
-                batch[row, :, : lengths[i]] = torch.from_numpy(codes_list[i].astype(np.int64)).t()
-            wav = self._decode_group(batch.to(self.device)).float().cpu().numpy()
-            for row, i in enumerate(group):
-                out[i] = np.ascontiguousarray(wav[row, : lengths[i] * self.hop_length])
+        for members in _by_levels(codes_list):  # items of one level count decode together
+            lengths = [int(codes_list[i].shape[0]) for i in members]
+            for group in _batches(lengths, self.batch_size, equal_lengths=not self.causal):
+                items = [members[j] for j in group]
+                t_max = max(int(codes_list[i].shape[0]) for i in items)
+                batch = torch.zeros((len(items), codes_list[items[0]].shape[1], t_max), dtype=torch.long)
+                for row, i in enumerate(items):
+                    batch[row, :, : codes_list[i].shape[0]] = torch.from_numpy(codes_list[i].astype(np.int64)).t()
+                wav = self._decode_group(batch.to(self.device)).float().cpu().numpy()
+                for row, i in enumerate(items):
+                    out[i] = np.ascontiguousarray(wav[row, : codes_list[i].shape[0] * self.hop_length])
         return out  # type: ignore[return-value]
 
 
@@ -278,19 +288,23 @@ class VocosCodec(EncodecCodec):
 
     def __init__(self, encodec_model, vocos_model, levels: int, device: str, batch_size: int):
         super().__init__(encodec_model, levels, device, batch_size)
-        bandwidth = levels * KBPS_PER_LEVEL
-        bandwidths = list(vocos_model.feature_extractor.bandwidths)
-        if bandwidth not in bandwidths:
-            raise ValueError(f"Vocos has no bandwidth id for {levels} levels ({bandwidths} kbps)")
-        self.bandwidth_id = bandwidths.index(bandwidth)  # 2 for 8 levels
+        self.bandwidths = list(vocos_model.feature_extractor.bandwidths)
+        self.bandwidth_id = self._bandwidth_id(levels)  # 2 for 8 levels
         self.vocos = vocos_model.to(self.device)
+
+    def _bandwidth_id(self, levels: int) -> int:
+        """Vocos is conditioned on the bandwidth of the codes it decodes: 2/4/8/16 levels -> id 0/1/2/3."""
+        bandwidth = levels * KBPS_PER_LEVEL
+        if bandwidth not in self.bandwidths:
+            raise ValueError(f"Vocos has no bandwidth id for {levels} levels ({self.bandwidths} kbps)")
+        return self.bandwidths.index(bandwidth)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "bandwidth_id": self.bandwidth_id}
 
     def _decode_group(self, codes: torch.Tensor) -> torch.Tensor:
         features = self.vocos.codes_to_features(codes.transpose(0, 1))  # [L, B, T] -> [B, C, T]
-        bandwidth_id = torch.tensor([self.bandwidth_id], device=self.device)
+        bandwidth_id = torch.tensor([self._bandwidth_id(int(codes.shape[1]))], device=self.device)
         return self.vocos.decode(features, bandwidth_id=bandwidth_id)  # [B, T * 320]
 
 
@@ -376,18 +390,30 @@ class DacCodec(_Codec):
 
     @torch.inference_mode()
     def decode(self, codes_list: Sequence[np.ndarray]) -> list[np.ndarray]:
-        lengths = [int(c.shape[0]) for c in codes_list]
         out: list[np.ndarray | None] = [None] * len(codes_list)
-        for group in _batches(lengths, self.batch_size, equal_lengths=True):
-            batch = torch.stack([torch.from_numpy(codes_list[i].astype(np.int64)).t() for i in group])
-            z = self.model.quantizer.from_codes(batch.to(self.device))[0]
-            wav = self.model.decode(z)[:, 0].float().cpu().numpy()
-            for row, i in enumerate(group):
-                out[i] = np.ascontiguousarray(wav[row])
+        for members in _by_levels(codes_list):  # from_codes sums the levels given
+            lengths = [int(codes_list[i].shape[0]) for i in members]
+            for group in _batches(lengths, self.batch_size, equal_lengths=True):
+                items = [members[j] for j in group]
+                batch = torch.stack([torch.from_numpy(codes_list[i].astype(np.int64)).t() for i in items])
+                z = self.model.quantizer.from_codes(batch.to(self.device))[0]
+                wav = self.model.decode(z)[:, 0].float().cpu().numpy()
+                for row, i in enumerate(items):
+                    out[i] = np.ascontiguousarray(wav[row])
         return out  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- factory
+
+
+def resolve_device(device: str) -> str:
+    """"auto": the first CUDA GPU when torch sees one, else the CPU; an explicit CUDA device must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"codec device {device!r}: torch sees no CUDA GPU here (torch {torch.__version__}); use "
+                         "'cpu' or 'auto'")
+    return device
 
 
 def build(config: dict[str, Any]):
@@ -395,7 +421,7 @@ def build(config: dict[str, Any]):
     kind = config["kind"]
     seed = config.get("random_seed")
     levels = int(config["levels"])
-    device = config.get("device", "cpu")
+    device = resolve_device(config.get("device", "cpu"))
     batch_size = int(config.get("batch_size", 16))
     if kind in ("encodec", "vocos"):
         encodec_model = build_encodec(config.get("encodec_path"), seed)

@@ -9,6 +9,11 @@
     CodecClient("encodec", random_seed=0)                  # seeded random EnCodec (tests only; never a fallback)
     CodecClient("vocos", weights="path/to/vocos-encodec-24khz")   # EnCodec encodes, Vocos decodes
     CodecClient("dac", weights="path/to/weights_44khz_8kbps_0.0.1.pth")
+    CodecClient("encodec", device="cpu")                   # default "auto": the first CUDA GPU torch sees, else the CPU
+
+Decoding takes the first L' <= `levels` levels of the codes (`decode_levels(n)` says how many of n levels made
+the decoder uses: any count for EnCodec and DAC, 2/4/8/16 for Vocos), so a synthesis that made fewer levels
+decodes exactly those, never zero-filled ones.
 
 The sidecar is started with the multiprocessing *spawn* context (so this process never imports torch and no
 JAX state is forked).  As with any spawn-based multiprocessing, a script that uses the client must keep its
@@ -38,12 +43,26 @@ from .weights import resolve_dac, resolve_encodec, resolve_vocos
 
 __all__ = [
     "CodecClient",
+    "share_gpu_with_codec",
     "CodecError",
     "CodecCrashError",
     "CodecTimeoutError",
     "CodecSpec",
     "CODEC_SPECS",
 ]
+
+
+JAX_GPU_MEMORY_FRACTION = 0.85  # of the GPU for JAX when the codec sidecar runs on the same GPU
+
+
+def share_gpu_with_codec(device: str, fraction: float = JAX_GPU_MEMORY_FRACTION) -> bool:
+    """Let JAX preallocate only `fraction` of the GPU when the codec sidecar may run on it (`device` "auto" or
+    "cuda..."), so the sidecar's torch finds room: sets XLA_PYTHON_CLIENT_MEM_FRACTION unless the user set it.
+    Call before JAX's first computation (JAX reads it once); returns whether it set it."""
+    if device == "cpu" or "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+        return False
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(fraction)
+    return True
 
 
 class CodecError(WorkerError):
@@ -72,7 +91,7 @@ class CodecClient(SpawnedWorker):
         *,
         encodec_weights: str | os.PathLike | None = None,
         random_seed: int | None = None,
-        device: str = "cpu",
+        device: str = "auto",  # "cpu", "cuda", "cuda:N" or "auto" (resolved in the sidecar)
         levels: int | None = None,
         batch_size: int = 16,
         timeout: float = 600.0,
@@ -89,6 +108,8 @@ class CodecClient(SpawnedWorker):
             raise ValueError(f"{kind} supports levels {spec.allowed_levels}, got {levels}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not isinstance(device, str) or not (device in ("cpu", "auto", "cuda") or device.startswith("cuda:")):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
         if timeout <= 0 or start_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self.kind = kind
@@ -142,6 +163,15 @@ class CodecClient(SpawnedWorker):
         """Samples per code frame at `sample_rate`."""
         return self.spec.hop_length
 
+    @property
+    def device(self) -> str:
+        """Where the codec runs: what "auto" resolved to once the sidecar started, else the device asked for."""
+        return str(self.info.get("device", self._config["device"]))
+
+    def decode_levels(self, made: int) -> int:
+        """How many of `made` code levels `decode` uses (ValueError when the decoder cannot take so few)."""
+        return self.spec.decode_levels(min(int(made), self.levels))
+
     def __enter__(self) -> "CodecClient":
         return self.start()
 
@@ -172,8 +202,10 @@ class CodecClient(SpawnedWorker):
         out = []
         for i, c in enumerate(codes):
             c = np.asarray(c)
-            if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != self.levels:
-                raise ValueError(f"codes {i}: expected shape [T >= 1, {self.levels}], got {c.shape}")
+            if c.ndim != 2 or c.shape[0] == 0 or not 1 <= c.shape[1] <= self.levels:
+                raise ValueError(f"codes {i}: expected shape [T >= 1, L <= {self.levels}], got {c.shape}")
+            if c.shape[1] not in self.spec.decodable_levels:
+                raise ValueError(f"codes {i}: {self.kind} decodes {self.spec.decodable_levels} levels, got {c.shape[1]}")
             if not np.issubdtype(c.dtype, np.integer):
                 raise ValueError(f"codes {i}: expected integers, got dtype {c.dtype}")
             lo, hi = int(c.min()), int(c.max())
@@ -246,7 +278,8 @@ class CodecClient(SpawnedWorker):
         lengths: Sequence[int | None] | None = None,
         timeout: float | None = None,
     ) -> list[np.ndarray]:
-        """Decode codes [T, levels] to float32 waveforms at `sample_rate`.
+        """Decode codes [T, L] (the first L <= levels levels; see `decode_levels`) to float32 waveforms at
+        `sample_rate`.
 
         EnCodec/Vocos return T * 320 samples, DAC its raw decoder output; `lengths` trims item i to
         lengths[i] samples (None keeps it whole).  Items are batched (up to batch_size; Vocos and DAC, whose

@@ -30,6 +30,16 @@ class CodecSpec:
     allowed_levels: tuple[int, ...]
     reference_fps: int  # the reference's rounded frame rate for durations (spec 1.6)
     encoder: str  # the codec whose codes these are (Vocos decodes EnCodec codes)
+    decodable_levels: tuple[int, ...] = ()  # level counts the decoder takes (the first levels of the codes)
+
+    def decode_levels(self, made: int) -> int:
+        """How many of the first `made` levels the decoder uses: all of them where it takes any count, else the
+        largest count it takes that is <= made (Vocos is conditioned on 2, 4, 8 or 16 levels only)."""
+        fits = [n for n in self.decodable_levels if n <= made]
+        if not fits:
+            raise ValueError(f"{made} code level(s): this codec decodes {', '.join(map(str, self.decodable_levels))} "
+                             "levels")
+        return max(fits)
 
     @property
     def frames_per_second(self) -> float:
@@ -38,9 +48,10 @@ class CodecSpec:
 
 
 CODEC_SPECS: dict[str, CodecSpec] = {
-    CodecKind.ENCODEC.value: CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16, 32), 75, "encodec"),
-    CodecKind.VOCOS.value: CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16), 75, "encodec"),
-    CodecKind.DAC.value: CodecSpec(44100, 512, 9, 1024, tuple(range(1, 10)), 87, "dac"),
+    # EnCodec's and DAC's decoders sum the given levels' embeddings (any count); Vocos is trained per bandwidth
+    CodecKind.ENCODEC.value: CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16, 32), 75, "encodec", tuple(range(1, 33))),
+    CodecKind.VOCOS.value: CodecSpec(24000, 320, 8, 1024, (2, 4, 8, 16), 75, "encodec", (2, 4, 8, 16)),
+    CodecKind.DAC.value: CodecSpec(44100, 512, 9, 1024, tuple(range(1, 10)), 87, "dac", tuple(range(1, 10))),
 }
 
 
