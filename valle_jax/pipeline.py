@@ -290,6 +290,7 @@ class Output:
     error: str | None = None
     seconds: float = 0.0  # of audio
     wall_s: float = 0.0  # from the first line entering the AR to the audio
+    error_kind: str | None = None  # PERMANENT or TRANSIENT with an error (see `error_kind`)
 
 
 @dataclass
@@ -300,6 +301,7 @@ class _Pending:
     audio: dict[int, np.ndarray] = field(default_factory=dict)
     received: int = 0
     error: str | None = None
+    error_kind: str | None = None
 
 
 def _failed(message: str) -> concurrent.futures.Future:
@@ -540,7 +542,8 @@ class Synthesizer:
                     raise ItemError(f"line {index}: NaN/inf in the decoded audio")
                 p.audio[index] = audio
             except (CodecError, ItemError) as e:
-                p.error = p.error or str(e)
+                if p.error is None:
+                    p.error, p.error_kind = str(e), error_kind(e)
             if p.received == len(p.request.lines):
                 del pending[item_id]
                 yield self._finish(p)
@@ -551,12 +554,12 @@ class Synthesizer:
         codes = [p.codes.get(i, np.zeros((0, self.made_levels), np.int16)) for i in range(n)]
         wall = round(time.perf_counter() - p.started, 3)
         if p.error:
-            return Output(p.request.id, None, codes, p.error, wall_s=wall)
+            return Output(p.request.id, None, codes, p.error, wall_s=wall, error_kind=p.error_kind)
         if self.codec is None:
             return Output(p.request.id, None, codes, None, wall_s=wall)
         audio = np.concatenate([p.audio[i] for i in range(n)])
         if audio.size == 0:
-            return Output(p.request.id, None, codes, "the AR stopped at once: no audio", wall_s=wall)
+            return Output(p.request.id, None, codes, "the AR stopped at once: no audio", wall_s=wall, error_kind=PERMANENT)
         return Output(p.request.id, audio, codes, None, round(len(audio) / self.spec.sample_rate, 3), wall)
 
 

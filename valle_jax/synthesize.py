@@ -35,7 +35,6 @@ A thin CLI over `valle_jax.pipeline` (the synthesis) and `valle_jax.jobfolder` (
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import json
 import re
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from valle_jax import jobfolder
+from valle_jax.fileio import jsonl_objects
 
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")  # matched whole (fullmatch): it names a file
 
@@ -85,16 +85,7 @@ def read_manifest(path: Path) -> list[Entry]:
         raise UsageError(f"manifest {path} cannot be read: {e}") from None
     entries: dict[str, Entry] = {}
     lines_of: dict[str, list[int]] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        obj, error = None, None
-        try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            obj, error = None, f"{path}:{n}: not a JSON object ({e})"
+    for n, obj, error in jsonl_objects(text, path):
         i = item_id(n, obj)
         lines_of.setdefault(i, []).append(n)
         entries.setdefault(i, Entry(i, n, obj, error))
@@ -227,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument(f"--{name.replace('_', '-')}", type=_int_or_float, dest=name)
     ap.add_argument("--nar-temperature", type=float, dest="nar_temperature")
     ap.add_argument("--nar-min-temperature", type=float, dest="nar_min_temperature")
-    ap.add_argument("--beam-width", type=int, default=0, help="beam search (not in jobs: see the README)")
+    ap.add_argument("--beam-width", type=int, default=0, help="beam search: each item takes this many slots (causal_size 1 "
+                    "models, e.g. ar-llama-1; the combined ar+nar models decode several tokens per step)")  # fmt: skip
+    ap.add_argument("--mirostat-shared", action="store_true", help="the reference's one mirostat state for the whole "
+                    "batch (for parity; default: one per item, so an item's audio does not depend on its batch)")  # fmt: skip
+    ap.add_argument("--devices", type=int, help="local devices the job decodes on (default: all of this process's)")
     multi = ap.add_argument_group("several processes (hosts) on one job; automatic on TPU pods and under SLURM")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
     multi.add_argument("--num-processes", type=int)
@@ -270,7 +265,8 @@ def settings_from_args(args: argparse.Namespace):
         return Settings(max_ar_steps=args.max_ar_steps, max_nar_levels=args.max_nar_levels, prompt_seconds=args.prompt_seconds,
                         max_prompt_frames=args.max_prompt_frames, max_text_tokens=args.max_text_tokens, slots=args.batch,
                         chunk=args.chunk, continuous=not args.no_continuous, seed=args.seed, preset=args.preset,
-                        ar=chosen(AR_KEYS), nar=chosen(NAR_KEYS), language=args.language)  # fmt: skip
+                        ar=chosen(AR_KEYS), nar=chosen(NAR_KEYS), language=args.language, beam_width=args.beam_width,
+                        mirostat_shared=args.mirostat_shared)  # fmt: skip
     except ConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -286,36 +282,6 @@ def open_codec(args: argparse.Namespace, kind: str):
         print(f"WARNING: using a RANDOM {kind} codec (seed {args.random_codec}): the audio is not speech", file=sys.stderr)
         return CodecClient(kind, random_seed=args.random_codec, **options)
     return CodecClient(kind, args.codec_weights, encodec_weights=args.encodec_weights, **options)
-
-
-class TransientNotes:
-    """The job's codec, as the Synthesizer sees it, noting the messages of transient decode failures: the
-    Synthesizer reports a failed item by its message (`Output.error`), and the job must class it."""
-
-    def __init__(self, codec: Any):
-        self.codec = codec
-        self.messages: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.codec, name)
-
-    def decode_async(self, *args: Any, **kw: Any) -> concurrent.futures.Future:
-        from valle_jax.pipeline import TRANSIENT, error_kind
-
-        inner = self.codec.decode_async(*args, **kw)
-        outer: concurrent.futures.Future = concurrent.futures.Future()
-
-        def relay(f: concurrent.futures.Future) -> None:  # noted before the Synthesizer can see the failure
-            e = f.exception()
-            if e is None:
-                outer.set_result(f.result())
-                return
-            if error_kind(e) == TRANSIENT:
-                self.messages.add(str(e))
-            outer.set_exception(e)
-
-        inner.add_done_callback(relay)
-        return outer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,16 +343,19 @@ def _prepare_folder(out_dir: Path, lock: jobfolder.JobLock, manifest: Path | Non
         atomic_write(copy, lambda f: f.write(data))
 
 
-def set_up(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The models and the started codec sidecar of the job; UsageError (exit 2) when they cannot be had."""
+def set_up(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
+    """The job's Synthesizer (on this process's devices) and its started codec sidecar; UsageError (exit 2)
+    when they cannot be had."""
     from valle_jax.codec import CodecError, MissingWeightsError, WeightsChecksumError
     from valle_jax.config import ConfigError
     from valle_jax.convert import CheckpointError
-    from valle_jax.pipeline import load_models
+    from valle_jax.parallel import synthesis_mesh
+    from valle_jax.pipeline import Synthesizer, load_models
 
     try:
         models = load_models(args.checkpoint, args.nar_checkpoint, dtype=args.dtype, attention=args.attention, heads=args.heads)
         codec = open_codec(args, args.codec or models.codec)
+        syn = Synthesizer(models, settings, codec, mesh=synthesis_mesh(args.devices))
     except (ConfigError, CheckpointError, MissingWeightsError, WeightsChecksumError) as e:
         raise UsageError(str(e)) from None
     try:
@@ -394,7 +363,7 @@ def set_up(args: argparse.Namespace) -> tuple[Any, Any]:
     except CodecError as e:
         codec.close()
         raise UsageError(f"the codec sidecar did not start: {e}") from None
-    return models, codec
+    return syn, codec
 
 
 def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entry], out_dir: Path,
@@ -403,7 +372,7 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
     from tqdm import tqdm
 
     from valle_jax.codec import CodecError, write_wav
-    from valle_jax.pipeline import PERMANENT, TRANSIENT, ItemError, Synthesizer, error_kind
+    from valle_jax.pipeline import PERMANENT, TRANSIENT, ItemError, error_kind
 
     counts: dict[str, Any] = {"ok": 0, "error": 0, "transient": 0, "audio_seconds": 0.0}
     lines = {e.id: e.line for e in entries}
@@ -418,15 +387,13 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
 
     checked = [(e, precheck(e, settings)) for e in entries]
     valid = [e for e, error in checked if error is None]
-    models, codec = set_up(args) if valid else (None, None)  # before anything is written: a failure leaves nothing
+    syn, codec = set_up(args, settings) if valid else (None, None)  # before anything is written: a failure leaves nothing
     for e, error in checked:
         if error is not None:
             record({"id": e.id, "status": "error", "error": error, "kind": PERMANENT})
     if codec is None:
         return counts
     with codec:
-        notes = TransientNotes(codec)
-        syn = Synthesizer(models, settings, notes)
         requests = []
         for e in tqdm(valid, desc="prepare", unit="item", disable=args.quiet):
             try:
@@ -438,8 +405,7 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
             for out in syn.run(requests, progress=not args.quiet):
                 pending.discard(out.id)
                 if out.error:
-                    kind = TRANSIENT if out.error in notes.messages else PERMANENT
-                    record({"id": out.id, "status": "error", "error": out.error, "kind": kind})
+                    record({"id": out.id, "status": "error", "error": out.error, "kind": out.error_kind or PERMANENT})
                     continue
                 write_wav(out_dir / f"{out.id}.wav", out.audio, codec.sample_rate)  # atomic: temp name, then rename
                 counts["audio_seconds"] += out.seconds
@@ -506,13 +472,13 @@ def evaluate_job(args: argparse.Namespace, evaluator: Any, out_dir: Path) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    from valle_jax.codec import share_gpu_with_codec
+
     args = build_parser().parse_args(argv)
+    share_gpu_with_codec(args.codec_device)  # before JAX takes the GPU: the codec sidecar may need room on it
     try:
         if bool(args.manifest) == bool(args.text):
             raise UsageError("give either --manifest (a job) or --text (one utterance)")
-        if args.beam_width > 1:
-            raise UsageError("--beam-width > 1 is available through valle_jax.generate (batch = beams); the job runner "
-                             "decodes items in shared slots")  # fmt: skip
         if args.text and args.evaluate:
             raise UsageError("--evaluate goes with --manifest (evaluate one file with python -m valle_jax.evaluate --items)")
         if args.manifest:
