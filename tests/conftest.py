@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def fixture_paths(name: str) -> tuple[Path, Path]:
 def heads_of(checkpoint: str | Path) -> int | None:
     """Attention heads of a tiny fixture checkpoint (weights cannot say them; the fixtures manifest does)."""
     return next((v["dims"]["heads"] for v in VARIANTS.values() if v["checkpoint"] == Path(checkpoint).name), None)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):

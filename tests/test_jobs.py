@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, fixture_paths, heads_of
+from conftest import ROOT, fixture_paths, free_port, heads_of
 from valle_jax import jobfolder
 
 CKPT = fixture_paths("llama_v5_split_sums_nonunified")[0]
@@ -276,6 +276,7 @@ def test_finding8_setup_errors_are_one_line_exit_2_and_leave_no_folder(tmp_path,
         (["--checkpoint", CKPT, "--out", out, "--random-codec", "0", "--evaluate", "--asr-model", tmp_path / "no-asr"],
          ["--evaluate", "no-asr", "no such folder"]),
         (["--checkpoint", CKPT, "--out", out, "--random-codec", "0", "--top-k", "2.5"], ["--top-k", "expected an integer"]),
+        (["--checkpoint", CKPT, "--out", out, "--random-codec", "0", "--beam-width", "-1"], ["beam_width = -1", "integer >= 0"]),
     ]  # fmt: skip
     for args, needles in cases:
         r = _synthesize([*args, *base], env)
@@ -332,14 +333,8 @@ def test_finding8_a_second_job_is_refused_a_killed_one_taken_over_and_the_job_ev
 # ----------------------------------------------------------------------------- several processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_processes(args: list, env: dict, n: int, logs: Path) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for k in range(n):
         with open(logs / f"p{k}.{port}.log", "w") as log:

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import free_port
 from valle_jax.checkpoint import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +24,6 @@ TIMEOUT = 300
 STEPS = 12
 COMMON = ("train.schedule=constant", f"train.steps={STEPS}", "train.save_every=4", "train.keep_checkpoints=2",
           "train.eval_every=6", "train.eval_batches=1", "train.log_every=1")  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

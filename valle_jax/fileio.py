@@ -1,11 +1,13 @@
-"""Writing files so that nothing half-written is ever left under the final name (no jax, no torch here)."""
+"""Files: writing them so that nothing half-written is ever left under the final name, reading JSON lines (no jax,
+no torch here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int = 0o644) -> Path:
@@ -29,3 +31,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
     """`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), mode)
+
+
+def jsonl_objects(text: str, where: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, object, None) for each JSON-object line of `text`, (line number, None, error) for each
+    other non-blank line; the error names `where:line`. Blank lines are skipped."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            yield n, None, f"{where}:{n}: not a JSON object ({e})"
+            continue
+        yield n, obj, None

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from valle_jax.codec.specs import CODEC_SPECS
+
 
 @contextlib.contextmanager
 def _quiet_weight_norm():
@@ -119,7 +121,7 @@ def _seed_codebooks(model, seed: int) -> None:
     """
     gen = torch.Generator().manual_seed(seed)
     n = 12000  # 0.5 s: enough frames for the statistics, cheap on a CPU
-    t = torch.arange(n, dtype=torch.float32) / 24000
+    t = torch.arange(n, dtype=torch.float32) / CODEC_SPECS["encodec"].sample_rate
     envelope = torch.linspace(0.01, 0.8, n)
     probe = 0.3 * torch.randn(n, generator=gen) * envelope + 0.3 * torch.sin(2 * np.pi * (100 + 400 * t) * t)
     residual = model.encoder(probe.reshape(1, 1, n))[0].t()  # [frames, dim]
@@ -168,9 +170,9 @@ class _Codec:
 
 class EncodecCodec(_Codec):
     kind = "encodec"
-    sample_rate = 24000
-    hop_length = 320
-    codebook_size = 1024
+    sample_rate = CODEC_SPECS[kind].sample_rate
+    hop_length = CODEC_SPECS[kind].hop_length
+    codebook_size = CODEC_SPECS[kind].codebook_size
     causal = True  # right-padding codes does not change earlier samples: decode batches of mixed lengths
 
     def __init__(self, model, levels: int, device: str, batch_size: int):
@@ -356,7 +358,7 @@ def load_dac_checkpoint(dac_class, path: str):
 
 class DacCodec(_Codec):
     kind = "dac"
-    codebook_size = 1024
+    codebook_size = CODEC_SPECS[kind].codebook_size
 
     def __init__(self, model, levels: int, device: str, batch_size: int):
         self.device = torch.device(device)

@@ -13,10 +13,11 @@ Relative audio and prompt paths are taken from the current directory, as synthes
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from valle_jax.fileio import jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -34,19 +35,7 @@ class ItemsError(ValueError):
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict | None, str | None]]:
-    out = []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            out.append((n, None, f"{path}:{n}: not a JSON object ({e})"))
-            continue
-        out.append((n, obj, None))
-    return out
+    return list(jsonl_objects(path.read_text(encoding="utf-8"), path))
 
 
 def _prompts(value: Any, where: str) -> tuple[str, ...]:
