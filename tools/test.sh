@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup.sh
 set +e
-.venv/bin/python -m pytest -q "$@"
+# two workers (CI has 2 cores), whole files per worker (their module fixtures: compile caches, prompts, servers)
+.venv/bin/python -m pytest -q -n "${VALLE_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
