@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 from valle_jax.config import AttentionImpl, ConfigError, ModelConfig, describe_attention, load_yaml, resolve_attention, runtime_config
 from valle_jax.layout import make_batch
+from valle_jax.models import backbone
 from valle_jax.models.llama import attend_splash, attend_xla, attention_path, causal_mask
 from valle_jax.models.valle import VALLE, init_params
 
@@ -63,6 +64,9 @@ def test_attention_path_names_what_runs():
     assert attention_path(splash, 256, cached=True) == "xla"  # KV-cached decoding
     assert attention_path(ModelConfig(attention_impl="cudnn"), 200, cached=False) == "cudnn"
     assert attention_path(ModelConfig(), 256, cached=False) == "xla"  # auto never resolved
+    # through the backbone registry (what training logs and the benchmarks report): RetNet has no attention choice
+    assert backbone.attention_path(splash, 256) == "splash"
+    assert backbone.attention_path(ModelConfig(arch_type="retnet", attention_impl="cudnn"), 256) == "retnet"
 
 
 def _qkv(B=2, S=200, H=4, K=2, Dh=64, seed=0):

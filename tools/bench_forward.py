@@ -62,10 +62,10 @@ def main(argv=None) -> int:
         cfg = load_yaml(args.config)
         params = None
     from valle_jax.config import runtime_config
-    from valle_jax.models.llama import attention_path
+    from valle_jax.models.backbone import attention_path
 
     cfg = runtime_config(cfg, args.dtype, args.attention)
-    path = attention_path(cfg, args.length, cached=False) if cfg.arch_type == "llama" else cfg.arch_type
+    path = attention_path(cfg, args.length, cached=False)
     if params is None:
         params = init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda a: jnp.asarray(a, args.dtype), params)  # weights in the compute dtype (inference)

@@ -9,7 +9,7 @@
 
 MFU is reported twice: against a matmul peak measured in the same run (`matmul_tflops_measured`: an N^3 matmul in
 the compute dtype, N = --matmul-n) and against the vendor's dense peak (`mfu_vendor`). `attention` names the path
-the compiled step runs (models.llama.attention_path); `attention_kernel_in_hlo` checks the compiled program for the
+the compiled step runs (models.backbone.attention_path); `attention_kernel_in_hlo` checks the compiled program for the
 fused kernel's call (cuDNN fMHA on GPU, the splash Pallas kernel on TPU). Memory: the compiled step's own
 figures (arguments, temporaries), the device's peak where it reports one, this process's peak RSS, and the bytes of
 the parameters and of the optimizer state per device.

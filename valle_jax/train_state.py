@@ -314,10 +314,8 @@ class Trainer:
         return self.compiled_steps(batch_rows(local_batch))[0](state, self.device_batch(local_batch))
 
     def attention_path(self, n_rows: int) -> str:
-        """The attention computation a training step over `n_rows` rows runs (models.llama.attention_path)."""
-        if self.mcfg.arch_type != "llama":
-            return self.mcfg.arch_type
-        from valle_jax.models.llama import attention_path
+        """The attention computation a training step over `n_rows` rows runs (models.backbone.attention_path)."""
+        from valle_jax.models.backbone import attention_path
 
         return attention_path(self.mcfg, n_rows, cached=False)
 

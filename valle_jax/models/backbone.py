@@ -48,6 +48,9 @@ class Backbone:
     config_from_keys: Callable[[Mapping[str, Any], dict, bool], dict] | None = None
     # LoRA targets (reference-lora.md): module-path substrings to include / exclude
     lora_targets: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    # (cfg, rows, cached) -> the attention computation a call runs, for logs and benchmarks; None: the backbone
+    # has no attention choice and its name is the answer (RetNet's retention)
+    attention_path: Callable[[Any, int, bool], str] | None = None
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -77,6 +80,13 @@ def get(name: str) -> Backbone:
 def all_backbones() -> list[Backbone]:
     """Every backbone, built-ins imported (for checkpoint detection)."""
     return [get(n) for n in names()]
+
+
+def attention_path(cfg: Any, n_rows: int, cached: bool = False) -> str:
+    """The attention computation a pass of `cfg`'s backbone over `n_rows` rows runs ("xla", "cudnn", "splash",
+    or the backbone's name where it has no choice)."""
+    b = get(cfg.arch_type)
+    return b.attention_path(cfg, n_rows, cached) if b.attention_path is not None else b.name
 
 
 def remat_layer(layer_cls: Any, cfg: Any) -> Any:

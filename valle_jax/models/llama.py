@@ -306,4 +306,5 @@ backbone.register(backbone.Backbone(
     matches_keys=lambda keys: any(".self_attn." in k for k in keys),
     config_from_keys=_config_from_keys,
     lora_targets=(("self_attn", "mlp"), ("self_attn.k_proj",)),
+    attention_path=attention_path,
 ))  # fmt: skip
