@@ -32,10 +32,8 @@ def py_repetition(row, prev, factor, decay):
     return out
 
 
-def py_dry(row, prev, mult, base, allowed):
-    out = list(row)
-    if mult <= 0:
-        return out
+def py_dry_lengths(prev, allowed):
+    """Each token's longest match length (the reference's loop, bounded at max(allowed, 50)), first-seen order."""
     lengths = {}  # dict keeps first-seen order
     for i, tok in enumerate(prev):
         L = 1
@@ -44,7 +42,14 @@ def py_dry(row, prev, mult, base, allowed):
                 break
             L += 1
         lengths[tok] = max(L, lengths.get(tok, 0))
-    for tok, L in lengths.items():
+    return lengths
+
+
+def py_dry(row, prev, mult, base, allowed):
+    out = list(row)
+    if mult <= 0:
+        return out
+    for tok, L in py_dry_lengths(prev, allowed).items():
         if L < allowed:
             break
         out[tok] -= mult * base ** (L - allowed)
@@ -473,16 +478,8 @@ def test_inside_while_loop():
 
 def py_dry_any(row, prev, mult, base, allowed):
     """py_dry for any token values: out-of-range tokens match and break like others, never penalised."""
-    lengths = {}
-    for i, tok in enumerate(prev):
-        L = 1
-        while L < max(allowed, 50):
-            if i - L < 0 or prev[i - L] != prev[len(prev) - 1 - L]:
-                break
-            L += 1
-        lengths[tok] = max(L, lengths.get(tok, 0))
     out = list(row)
-    for tok, L in lengths.items():
+    for tok, L in py_dry_lengths(prev, allowed).items():
         if L < allowed:
             break
         if 0 <= tok < len(row):
