@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-HBM_GIB = {"v5e": 16, "v5p": 95, "v4": 32, "v6e": 32}
+from tools.tpu_aot import HBM_GIB, NO_LIBTPU, chip_of, cost_fields, memory_fields, tpu_devices  # noqa: E402
 
 
 def emit(record: dict) -> None:
@@ -271,15 +271,12 @@ def bench_job(cfg, params, args, mesh, rules, base: dict) -> None:
 def tpu_aot(args) -> int:
     base = {"bench": "synth_aot", "topology": args.tpu_aot, "config": args.config, "set": args.set, "slots": args.batch,
             "steps": args.steps, "chunk": args.chunk}  # fmt: skip
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        emit({**base, "ok": False, "why": "libtpu is not installed here (pip install 'jax[tpu]' brings the matching "
-              "libtpu; the compile-only TPU client needs it)"})  # fmt: skip
-        return 0
+    devices, why = tpu_devices(args.tpu_aot)
+    if devices is None:
+        emit({**base, "ok": False, "why": why})
+        return 0 if why == NO_LIBTPU else 1
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from valle_jax import generate as G
@@ -288,12 +285,6 @@ def tpu_aot(args) -> int:
     from valle_jax.layout import Batch, bucket, prefix_rows
     from valle_jax.models.valle import init_params, logical_axes
 
-    try:
-        topo = topologies.get_topology_desc(args.tpu_aot, "tpu")
-    except Exception as e:  # noqa: BLE001
-        emit({**base, "ok": False, "why": f"no TPU topology {args.tpu_aot!r}: {type(e).__name__}: {e}"})
-        return 1
-    devices = list(topo.devices)
     cfg = load_yaml(args.config)
     if args.set:
         cfg = cfg.override(args.set)
@@ -327,7 +318,7 @@ def tpu_aot(args) -> int:
                                                    sampling.features_of(sp), None),  # fmt: skip
         "nar_pass": lambda: nar.lower(p_abs, batch_abs, nsp_abs),
     }
-    chip = next((n for n in HBM_GIB if n in args.tpu_aot.lower()), None)
+    chip = chip_of(args.tpu_aot)
     status = 0
     for name, lower in programs.items():
         t0 = time.perf_counter()
@@ -337,21 +328,11 @@ def tpu_aot(args) -> int:
             emit({**base, "program": name, "ok": False, "why": f"{type(e).__name__}: {str(e)[:2000]}"})
             status = 1
             continue
-        mem = compiled.memory_analysis()
-        fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                  "generated_code_size_in_bytes")  # fmt: skip
-        m = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
-        need = m.get("argument_size_in_bytes", 0) + m.get("output_size_in_bytes", 0) - m.get("alias_size_in_bytes", 0) \
-            + m.get("temp_size_in_bytes", 0) + m.get("generated_code_size_in_bytes", 0)  # fmt: skip
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
         hlo = compiled.as_text()
         emit({**base, "program": name, "ok": True, "device_kind": devices[0].device_kind, "n_devices": len(devices),
               "mesh": dict(mesh.shape), "model": cfg.name, "dim": cfg.d_model, "layers": cfg.n_layers,
-              "compile_s": round(time.perf_counter() - t0, 2), "memory_per_device_gib": round(need / 2**30, 4),
-              **{k.replace("_in_bytes", "_gib"): round(v / 2**30, 4) for k, v in m.items()},
-              "hbm_gib": HBM_GIB.get(chip), "flops": float(cost.get("flops", 0.0)),
-              "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+              "compile_s": round(time.perf_counter() - t0, 2), **memory_fields(compiled, digits=4),
+              "hbm_gib": HBM_GIB.get(chip), **cost_fields(compiled),
               "conditionals": hlo.count("conditional("), "host_transfers": sum(hlo.count(op) for op in
                                                                                    ("outfeed(", "infeed(", " send(", " recv("))})  # fmt: skip
     return status

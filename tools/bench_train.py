@@ -43,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from tools.tpu_aot import HBM_GBPS, HBM_GIB, NO_LIBTPU, chip_of, cost_fields, memory_fields, tpu_devices  # noqa: E402
+
 PEAK_TFLOPS = {  # dense bf16, per device
     "h100": 989.0,
     "h200": 989.0,
@@ -54,8 +56,6 @@ PEAK_TFLOPS = {  # dense bf16, per device
     "v5p": 459.0,
     "v6e": 918.0,
 }
-HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
-HBM_GBPS = {"v4": 1228.0, "v5e": 819.0, "v5p": 2765.0, "v6e": 1640.0}  # per chip, vendor figures
 
 
 def guess_peak(device_kind: str) -> float | None:
@@ -149,55 +149,22 @@ def measure_matmul_tflops(dtype: str, n: int, device=None, reps: int = 5) -> flo
     return 2.0 * n**3 / min(times) / 1e12
 
 
-def memory_fields(compiled) -> dict:
-    mem = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")  # fmt: skip
-    m = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
-    need = (m.get("argument_size_in_bytes", 0) + m.get("output_size_in_bytes", 0) - m.get("alias_size_in_bytes", 0)
-            + m.get("temp_size_in_bytes", 0) + m.get("generated_code_size_in_bytes", 0))  # fmt: skip
-    return {"memory_per_device_gib": round(need / 2**30, 3), **{k.replace("_in_bytes", "_gib"): round(v / 2**30, 3) for k, v in m.items()}}
-
-
-def cost_fields(compiled) -> dict:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports one
-        return {}
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    return {"hlo_tflops_per_device": round(float(cost.get("flops", 0.0)) / 1e12, 4),
-            "hlo_gbytes_accessed_per_device": round(float(cost.get("bytes accessed", 0.0)) / 1e9, 3)}  # fmt: skip
-
-
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
 def tpu_aot(args) -> int:
     base = {"mode": "tpu-aot", "topology": args.tpu_aot, "config": args.config, "batch": args.batch, "length": args.length}
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        emit({**base, "ok": False, "why": "libtpu is not importable here: for jax 0.10.2, `pip install --no-deps --target "
-              "DIR 'libtpu==0.0.42.*'` and run with PYTHONPATH=DIR (kept out of the venv, so CPU runs never probe a TPU)"})  # fmt: skip
-        return 0
+    devices, why = tpu_devices(args.tpu_aot)
+    if devices is None:
+        emit({**base, "ok": False, "why": why})
+        return 0 if why == NO_LIBTPU else 1
     import jax
-    from jax.experimental import topologies
 
     from valle_jax import parallel
     from valle_jax.models.valle import Batch
     from valle_jax.train_state import Trainer
 
-    try:
-        # v4 and v5p chips hold two TensorCores, run as one device ("megacore"), as a training job runs them
-        extra = {"chip_config_name": "megacore"} if args.tpu_aot.lower().startswith(("v4", "v5p")) else {}
-        topo = topologies.get_topology_desc(args.tpu_aot, "tpu", **extra)
-    except Exception as e:  # noqa: BLE001
-        emit({**base, "ok": False, "why": f"no TPU topology {args.tpu_aot!r}: {type(e).__name__}: {e}"})
-        return 1
-    devices = list(topo.devices)
     cfg = build_config(args)
     kind = devices[0].device_kind
     mesh = parallel.make_mesh(cfg.mesh, devices)
@@ -213,7 +180,7 @@ def tpu_aot(args) -> int:
     compile_s = time.perf_counter() - t0
     mem = memory_fields(compiled)
     cost = cost_fields(compiled)
-    chip = next((n for n in HBM_GIB if n in args.tpu_aot.lower()), None)
+    chip = chip_of(args.tpu_aot)
     hbm = HBM_GIB.get(chip) if chip else None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
     tokens = args.batch * args.length
