@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nar-temperature", type=float, dest="nar_temperature")
     ap.add_argument("--nar-min-temperature", type=float, dest="nar_min_temperature")
     ap.add_argument("--beam-width", type=int, default=0, help="beam search (not in jobs: see the README)")
+    ap.add_argument("--lora", metavar="FILE", help="a reference LoRA file (.sft/.pth) for every item that names none; "
+                    "items may name their own (\"lora\": \"voices/alice.lora.sft\"), several LoRAs share a batch")  # fmt: skip
     multi = ap.add_argument_group("several processes (hosts) on one job; automatic on TPU pods and under SLURM")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
     multi.add_argument("--num-processes", type=int)
@@ -270,7 +272,7 @@ def settings_from_args(args: argparse.Namespace):
         return Settings(max_ar_steps=args.max_ar_steps, max_nar_levels=args.max_nar_levels, prompt_seconds=args.prompt_seconds,
                         max_prompt_frames=args.max_prompt_frames, max_text_tokens=args.max_text_tokens, slots=args.batch,
                         chunk=args.chunk, continuous=not args.no_continuous, seed=args.seed, preset=args.preset,
-                        ar=chosen(AR_KEYS), nar=chosen(NAR_KEYS), language=args.language)  # fmt: skip
+                        ar=chosen(AR_KEYS), nar=chosen(NAR_KEYS), language=args.language, lora=args.lora)  # fmt: skip
     except ConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -403,6 +405,7 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
     from tqdm import tqdm
 
     from valle_jax.codec import CodecError, write_wav
+    from valle_jax.config import ConfigError
     from valle_jax.pipeline import PERMANENT, TRANSIENT, ItemError, Synthesizer, error_kind
 
     counts: dict[str, Any] = {"ok": 0, "error": 0, "transient": 0, "audio_seconds": 0.0}
@@ -426,7 +429,10 @@ def synthesize_share(args: argparse.Namespace, settings: Any, entries: list[Entr
         return counts
     with codec:
         notes = TransientNotes(codec)
-        syn = Synthesizer(models, settings, notes)
+        try:
+            syn = Synthesizer(models, settings, notes)  # loads --lora (checked against the model)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
         requests = []
         for e in tqdm(valid, desc="prepare", unit="item", disable=args.quiet):
             try:
