@@ -12,6 +12,13 @@ The run directory (`train.run_dir`) holds:
     model/, model.sft    at the end: a valle_jax model directory and its export in the reference format
                          (`model.pth` when fine-tuned from a .pth); dtype `train.export_dtype`
     reference.json       metadata of the `init_from` reference checkpoint (kept for the export)
+    base.json            a LoRA run (`train.lora`): the base it trains on, path and sha256 (a resume checks it)
+    lora.sft             a LoRA run, at the end: the LoRA in the reference's format (only lora_ tensors); with
+                         `train.lora.embeddings` also model/ + model.sft: the base with the trained *_emb tables
+
+A LoRA run (`train.lora`, valle_jax.trainable) trains only the LoRA (and the *_emb tables with `embeddings: true`)
+on the frozen base `train.init_from`; its checkpoints hold the LoRA, its optimizer state and the base pointer.
+`model.frozen_params` (full training) freezes the named parameters (reference state-dict names).
 
 A run resumes by itself from the newest usable checkpoint in its run directory (the model block then
 comes from that checkpoint; data, train and mesh settings from the current config, so `train.steps=...`

@@ -3,8 +3,10 @@
 Train state: a plain dict pytree (what orbax saves), every leaf a global `jax.Array` laid out by the mesh:
 
     {"step":      int32 []   steps taken (batches consumed, skipped ones included),
-     "params":    float32 master weights (the model's param tree, `models.valle.init_params`),
-     "opt_state": optax state (moments sharded like the params),
+     "params":    float32 master weights of what trains: the model's param tree (`models.valle.init_params`), or
+                  in a LoRA run (`train.lora`) {"lora": LoRA tree, "embeddings": *_emb tables (embeddings: true)}
+                  while the frozen base is an input of the step (`Trainer.frozen`, never updated or saved),
+     "opt_state": optax state (moments sharded like the params; none for `model.frozen_params` leaves),
      "bad_steps": int32 []   NaN/inf steps in a row (0 after a good step),
      "skipped":   int32 []   NaN/inf steps in total}
 
