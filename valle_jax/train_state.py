@@ -293,7 +293,10 @@ class Trainer:
         self.frozen = self._place(params, expected)
 
     def model_params(self, state: State) -> dict:
-        """The full model params of a state (global arrays): a LoRA run's base with its LoRA merged in."""
+        """The full model params of a state (global arrays): a LoRA run's base with its LoRA merged in (at every
+        level, as trained), else the state's own params (no copy)."""
+        if self.lora is None:
+            return state["params"]
         return self._model_params(state["params"], self.frozen)
 
     @staticmethod
