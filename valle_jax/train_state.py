@@ -36,10 +36,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from valle_jax import parallel
+from valle_jax import parallel, trainable
 from valle_jax.config import Config, ConfigError, ModelConfig, Optimizer, TrainConfig, runtime_config
 from valle_jax.layout import Batch, as_batch
-from valle_jax import trainable
 from valle_jax.models import loss as loss_lib
 from valle_jax.models.lora import LoraError, init_lora, lora_context, lora_logical_axes, merge_lora, stack_loras
 from valle_jax.models.valle import VALLE, init_params, logical_axes
@@ -302,11 +301,11 @@ class Trainer:
     @staticmethod
     def _place(params: dict, expected: Any) -> dict:
         """numpy params (or global arrays already laid out as `expected`) -> float32 global arrays on the mesh."""
-        if all(isinstance(a, jax.Array) and a.sharding == s.sharding and a.shape == s.shape
-               for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(expected))) and \
-                jax.tree.structure(params) == jax.tree.structure(expected):  # fmt: skip
+        same_tree = jax.tree.structure(params) == jax.tree.structure(expected)
+        if same_tree and all(isinstance(a, jax.Array) and a.sharding == s.sharding and a.shape == s.shape
+                             for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):  # fmt: skip
             return jax.tree.map(lambda a: a.astype(jnp.float32), params)
-        if jax.tree.structure(params) != jax.tree.structure(expected):
+        if not same_tree:
             raise ConfigError("init_from: the checkpoint's parameter tree does not match the model config")
         bad = [f"{jax.tree_util.keystr(k)} {np.shape(a)} != {s.shape}"
                for (k, a), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected))
