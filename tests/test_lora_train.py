@@ -106,10 +106,18 @@ def test_lora_trained_on_the_demo_corpus_lowers_its_speakers_loss_and_leaves_the
     data, base = demo
     base_hash = content_hash(base)
     run_dir = tmp_path / "run"
-    overrides = [f"data.path={data}", f"train.init_from={base}", "train.lora={rank: 8, alpha: 16}", "train.steps=8",
+    # the README's LoRA training command as written there (configs/lora-llama-8.yaml), on the demo speaker and a tiny
+    # base: the data and run dir replaced, a tiny run's settings added
+    readme = (ROOT / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if "-m valle_jax.train --config configs/lora-llama-8.yaml" in l)
+    args = line.split("#")[0].split()[3:]  # after `.venv/bin/python -m valle_jax.train`
+    args = [f"data.path={data}" if a.startswith("data.path=") else f"train.run_dir={run_dir}" if a.startswith("train.run_dir=")
+            else a for a in args]  # fmt: skip
+    overrides = [f"train.init_from={base}", "model.heads=4", "train.lora={rank: 8, alpha: 16}", "train.steps=8",
                  "train.learning_rate=0.02", "train.warmup_steps=1", "train.save_every=100", "train.eval_every=0",
                  "train.log_every=4", "data.batch_tokens=3072", "data.length_buckets=[768]"]  # fmt: skip
-    r = train_cli(env, DEMO, run_dir, *overrides)
+    r = subprocess.run([sys.executable, "-m", "valle_jax.train", *args, *overrides], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "M params (LoRA rank 8, alpha 16; 1.80M frozen)" in r.stdout, r.stdout[-2000:]
     # the base is untouched and only pointed at
@@ -131,6 +139,7 @@ def test_lora_trained_on_the_demo_corpus_lowers_its_speakers_loss_and_leaves_the
     mcfg, params, _ = load_reference(base, heads=cfg.model.heads)
     lcfg, lp, info = read_lora(run_dir / "lora.sft", mcfg, params)
     assert (lcfg.rank, lcfg.alpha, info["container"]) == (8, 16, "sft")
+    assert all(x.dtype == np.float16 for x in jax.tree.leaves(lp))  # the config's export dtype, as the reference
     assert all(k.split(".")[-1] in ("lora_A", "lora_B") for k in read_safetensors(run_dir / "lora.sft")[0])
     for split in ("train", "eval"):
         before = speaker_loss(cfg, params, None, split)
