@@ -9,6 +9,7 @@ seeded random EnCodec as in test_train_demo.py)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,26 +157,34 @@ def test_lora_resume_is_bit_identical_and_another_base_is_refused(env, tmp_path)
     base, _ = random_base(TINY, tmp_path / "base.sft", seed=1)
     common = [f"train.init_from={base}", "train.lora={rank: 4, alpha: 8, embeddings: true}", "train.remat=full",
               "train.save_every=4", "train.eval_every=0", "train.log_every=1", "train.learning_rate=0.01"]  # fmt: skip
-    r = train_cli(env, TINY, tmp_path / "whole", *common, "train.steps=6")
+    run_dir = tmp_path / "run"
+    r = train_cli(env, TINY, run_dir, *common, "train.steps=6")  # checkpoints 4 and 6
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = train_cli(env, TINY, tmp_path / "split", *common, "train.steps=4")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = train_cli(env, TINY, tmp_path / "split", *common, "train.steps=6")
+    whole = read_safetensors(run_dir / "lora.sft")[0]
+    shutil.copy(run_dir / "model.sft", tmp_path / "whole_model.sft")
+    # as if killed after checkpoint 4: its last checkpoint and its export gone; the rerun resumes from 4
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    for p in ("lora.sft", "model.sft"):
+        (run_dir / p).unlink()
+    shutil.rmtree(run_dir / "model")
+    r = train_cli(env, TINY, run_dir, *common, "train.steps=6")
     assert r.returncode == 0 and "resumed from checkpoint 4" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    whole, split = read_safetensors(tmp_path / "whole" / "lora.sft")[0], read_safetensors(tmp_path / "split" / "lora.sft")[0]
+    split = read_safetensors(run_dir / "lora.sft")[0]
     assert list(whole) == list(split) and all(np.array_equal(whole[k], split[k]) for k in whole)
     assert any(np.abs(v).max() > 0 for k, v in whole.items() if k.endswith("lora_B"))  # it trained
     # embeddings: true -> the trained *_emb tables go into run_dir/model (+ model.sft), everything else bit-identical
     ref = read_safetensors(base)[0]
-    trained = read_safetensors(tmp_path / "whole" / "model.sft")[0]
+    trained = read_safetensors(tmp_path / "whole_model.sft")[0]
     assert list(trained) == list(ref)
+    resumed = read_safetensors(run_dir / "model.sft")[0]
+    assert all(np.array_equal(trained[k], resumed[k]) for k in trained)
     changed = {k for k in ref if not np.array_equal(ref[k], trained[k])}
     assert changed and all("_emb" in k for k in changed), sorted(changed)
     # a resume against another base is refused before any work, naming both (the CLI makes it one line, exit 2)
     from valle_jax.train import train
 
     other, _ = random_base(TINY, tmp_path / "other.sft", seed=2)
-    cfg = load_config(TINY, [*common, f"train.run_dir={tmp_path / 'split'}", f"train.init_from={other}", "train.steps=8"])
+    cfg = load_config(TINY, [*common, f"train.run_dir={run_dir}", f"train.init_from={other}", "train.steps=8"])
     with pytest.raises(ConfigError, match="a LoRA only fits the base it was trained on") as e:
         train(cfg, progress=False)
     assert str(base) in str(e.value) and str(other) in str(e.value)
