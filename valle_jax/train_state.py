@@ -359,10 +359,14 @@ class Trainer:
         (total, stats, grads), _ = jax.lax.scan(body, zeros, (tuple(micro), jnp.arange(A)))
         return total / A, stats, jax.tree.map(lambda g: g / A, grads)
 
-    def _train_step_fn(self, state: State, batch: Batch, frozen: dict, n_rows: int | None = None):
+    def _train_step_fn(self, state: State, batch: Batch, frozen: dict | None = None, n_rows: int | None = None):
         """One update, or none: a step whose loss or gradient is not finite keeps params and optimizer state; once
         `train.max_bad_steps` such steps are in a row the state is frozen (`stopped` in the metrics: the host,
         which reads metrics late to never wait on the device, then stops at exactly that step)."""
+        if frozen is None:  # a full run has no frozen input (a LoRA run's step always gets its base)
+            if self.lora is not None:
+                raise ValueError("a LoRA run's train step needs the frozen base (Trainer.frozen)")
+            frozen = {}
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
         total, stats, grads = self._grads(state["params"], frozen, batch, key, step, n_rows)
