@@ -220,7 +220,8 @@ def tpu_aot(args) -> int:
     cost = cost_fields(compiled)
     chip = next((n for n in HBM_GIB if n in args.tpu_aot.lower()), None)
     hbm = HBM_GIB.get(chip) if chip else None
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    memory = trainer.memory()
+    n_params = memory["trained_params"] + memory["frozen_params"]
     tokens = args.batch * args.length
     model_tflops = model_flops_per_token(trainer.mcfg, args.length) * tokens / 1e12
     path = trainer.attention_path(args.length)
@@ -241,6 +242,7 @@ def tpu_aot(args) -> int:
           "hbm_gib": hbm, "fits": (mem["memory_per_device_gib"] < hbm) if hbm else None,
           "params_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["params"]) / 2**30, 3),
           "opt_state_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["opt_state"]) / 2**30, 3),
+          "opt_state_bytes": memory["opt_state_bytes"], "trained_params_M": round(memory["trained_params"] / 1e6, 4),
           "model_tflops_per_step": round(model_tflops, 3), **cost, **roofline})  # fmt: skip
     return 0
 
