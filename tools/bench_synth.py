@@ -18,6 +18,8 @@ Random weights unless --checkpoint is given (speed does not depend on the values
   batches, codec decoding overlapped (with --codec: a random-weight codec of the real architecture in its sidecar,
   warm), as `audio_seconds_per_s` (seconds of audio per wall second; = realtime factor). The job runs once to
   compile and warm up, then is timed.
+  With --job-loras N the items use N random LoRA files (rank --lora-rank), round robin: the voices share the
+  slots and NAR batches (`loras` in the line); compare with N = 0 for the cost of serving several LoRAs at once.
 * `synth_aot` (with --tpu-aot TOPOLOGY, no TPU needed): the decode chunk and the NAR pass lowered and compiled for
   that TPU slice with libtpu, slots over all its chips: compiled memory per device and XLA's cost analysis.
 
@@ -28,6 +30,7 @@ Random weights unless --checkpoint is given (speed does not depend on the values
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -225,6 +228,26 @@ def bench_full(cfg, params, B: int, args, base: dict) -> None:
 # the real job
 
 
+def random_loras(cfg, params, n: int, rank: int) -> list[str]:
+    """n LoRA files with random nonzero adapters (the reference's format) in a temporary folder."""
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from valle_jax.lora_files import write_lora
+    from valle_jax.models.lora import LoraConfig, init_lora
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_loras_"))
+    lcfg = LoraConfig(rank=rank, alpha=rank)
+    out = []
+    for k in range(n):
+        lp = init_lora(cfg, lcfg, jax.random.key(k), params)
+        lp = jax.tree.map(lambda x, k=k: np.asarray(jax.random.normal(jax.random.key(k + x.size), x.shape)) * 0.01, lp)
+        out.append(str(write_lora(folder / f"voice{k}.lora.sft", lcfg, lp)))
+    return out
+
+
 def bench_job(cfg, params, args, mesh, rules, base: dict) -> None:
     import numpy as np
 
@@ -233,6 +256,9 @@ def bench_job(cfg, params, args, mesh, rules, base: dict) -> None:
     rng = np.random.default_rng(1)
     lengths = rng.integers(max(1, args.steps // 8), args.steps + 1, args.job)
     reqs = requests_for(cfg, args.job, args.text_len, args.prompt_frames, lengths, seed=2)
+    if args.job_loras:  # items of N voices, round robin: N random LoRA files, stacked in one job
+        loras = random_loras(cfg, params, args.job_loras, args.lora_rank)
+        reqs = [dataclasses.replace(r, lora=loras[i % len(loras)]) for i, r in enumerate(reqs)]
     models = pipeline.Models(cfg, params, cfg, params)
     settings = pipeline.Settings(slots=args.job_slots, chunk=args.chunk, max_ar_steps=args.steps,
                                  ar={"temperature": 0.0} if args.job_sampler == "greedy" else {})  # fmt: skip
@@ -256,6 +282,7 @@ def bench_job(cfg, params, args, mesh, rules, base: dict) -> None:
         run()  # compile and warm the codec
         frames, audio, wall = run()
         emit(dict(base, bench="synth_job", items=args.job, slots=args.job_slots, sampler=args.job_sampler,
+                  loras=args.job_loras, lora_rank=args.lora_rank if args.job_loras else None,
                   codec=args.codec, codec_device=codec.device if codec is not None else None, frames=int(frames),
                   audio_seconds=round(audio, 2), wall_seconds=round(wall, 3), audio_seconds_per_s=round(audio / wall, 2),
                   ar_tokens_per_s=round(frames / wall, 1)))  # fmt: skip
@@ -362,6 +389,8 @@ def main(argv=None) -> int:
     ap.add_argument("--job", type=int, default=0, help="items in a real pipelined job (0 = skip)")
     ap.add_argument("--job-slots", type=int, default=64)
     ap.add_argument("--job-sampler", default="cli", choices=["greedy", "cli"])
+    ap.add_argument("--job-loras", type=int, default=0, help="the job's items use this many LoRAs (round robin)")
+    ap.add_argument("--lora-rank", type=int, default=128)
     ap.add_argument("--codec", choices=["encodec", "vocos", "dac"], help="decode the job's audio (random weights)")
     ap.add_argument("--codec-device", default="auto")
     ap.add_argument("--devices", type=int, default=0, help="local devices for the slots (0 = all)")

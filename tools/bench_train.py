@@ -12,7 +12,10 @@ the compute dtype, N = --matmul-n) and against the vendor's dense peak (`mfu_ven
 the compiled step runs (models.backbone.attention_path); `attention_kernel_in_hlo` checks the compiled program for the
 fused kernel's call (cuDNN fMHA on GPU, the splash Pallas kernel on TPU). Memory: the compiled step's own
 figures (arguments, temporaries), the device's peak where it reports one, this process's peak RSS, and the bytes of
-the parameters and of the optimizer state per device.
+the parameters and of the optimizer state per device, and `opt_state_bytes` (the whole optimizer state, all
+devices together). A LoRA run (`train.lora.rank=128` etc. as overrides, on a random base) trains and holds
+optimizer state for the LoRA only: compare its `opt_state_bytes` with a full run's; `model.frozen_params=[...]`
+shrinks it by the frozen parameters' moments.
 
 The real train step of `python -m valle_jax.train` (valle_jax.train_state.Trainer: float32 master weights,
 AdamW, clipping, NaN guard, dropout) on synthetic batches: every item is `--length` rows (text 10%, prompt
@@ -173,7 +176,9 @@ def tpu_aot(args) -> int:
     abstract_batch = Batch(*(jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=trainer.batch_sharding) for k in Batch._fields))
     t0 = time.perf_counter()
     try:
-        compiled = trainer._train_step.lower(trainer.abstract_state, abstract_batch).compile()
+        abstract_frozen = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, jax.numpy.float32, sharding=sh),
+                                       trainer.frozen_shapes, trainer.frozen_sharding)  # a LoRA run's base  # fmt: skip
+        compiled = trainer._train_step.lower(trainer.abstract_state, abstract_batch, abstract_frozen).compile()
     except Exception as e:  # noqa: BLE001
         emit({**base, "ok": False, "device_kind": kind, "why": f"compile failed: {type(e).__name__}: {str(e)[:2000]}"})
         return 1
@@ -182,7 +187,8 @@ def tpu_aot(args) -> int:
     cost = cost_fields(compiled)
     chip = chip_of(args.tpu_aot)
     hbm = HBM_GIB.get(chip) if chip else None
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    memory = trainer.memory()
+    n_params = memory["trained_params"] + memory["frozen_params"]
     tokens = args.batch * args.length
     model_tflops = model_flops_per_token(trainer.mcfg, args.length) * tokens / 1e12
     path = trainer.attention_path(args.length)
@@ -203,6 +209,7 @@ def tpu_aot(args) -> int:
           "hbm_gib": hbm, "fits": (mem["memory_per_device_gib"] < hbm) if hbm else None,
           "params_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["params"]) / 2**30, 3),
           "opt_state_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["opt_state"]) / 2**30, 3),
+          "opt_state_bytes": memory["opt_state_bytes"], "trained_params_M": round(memory["trained_params"] / 1e6, 4),
           "model_tflops_per_step": round(model_tflops, 3), **cost, **roofline})  # fmt: skip
     return 0
 
@@ -218,20 +225,27 @@ def bench(args) -> int:
     trainer = Trainer(cfg)
     host = synthetic_items(cfg, args.batch, args.length)
     dev = jax.devices()[0]
-    state = trainer.init_state()
+    if trainer.lora is not None:  # a LoRA run: on a random base made on the mesh (train.lora.rank=... overrides)
+        from valle_jax.models.valle import init_params
+
+        make_base = jax.jit(lambda k: init_params(trainer.mcfg, k), out_shardings=trainer.frozen_sharding)
+        state = trainer.init_state(make_base(jax.random.key(0)))
+    else:
+        state = trainer.init_state()
     batch = trainer.device_batch(host)  # time the compiled step alone (no host-to-device copy)
+    frozen = trainer.frozen
     t0 = time.perf_counter()
-    compiled = trainer._train_step.lower(state, batch).compile()
+    compiled = trainer._train_step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
-        state, m = compiled(state, batch)
+        state, m = compiled(state, batch, frozen)
     jax.block_until_ready(m)
     if args.profile:
         jax.profiler.start_trace(args.profile)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = compiled(state, batch)
+        state, m = compiled(state, batch, frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     if args.profile:
@@ -249,7 +263,9 @@ def bench(args) -> int:
     except Exception:  # noqa: BLE001 - CPU has none
         stats = {}
     path = trainer.attention_path(args.length)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    mem = trainer.memory()
+    n_params = mem["trained_params"] + mem["frozen_params"]
+    lora = cfg.train.lora
     emit({"mode": "run", "config": args.config, "device": dev.device_kind, "platform": dev.platform, "n_devices": n,
           "mesh": dict(trainer.mesh.shape), "batch": args.batch, "length": args.length, "compute_dtype": trainer.mcfg.dtype,
           "attention": path, "attention_kernel_in_hlo": kernel_in_hlo(compiled.as_text(), path),
@@ -266,6 +282,9 @@ def bench(args) -> int:
           **memory_fields(compiled), **cost_fields(compiled),
           "params_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["params"]) / 2**30, 3),
           "opt_state_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["opt_state"]) / 2**30, 3),
+          "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "embeddings": lora.embeddings},
+          "trained_params_M": round(mem["trained_params"] / 1e6, 4), "frozen_params_M": round(mem["frozen_params"] / 1e6, 4),
+          "opt_state_bytes": mem["opt_state_bytes"], "trained_params_bytes": mem["params_bytes"],
           "loss": float(m["loss"]), "finite": bool(m["finite"])})  # fmt: skip
     return 0
 

@@ -738,6 +738,10 @@ class TrainConfig:
     restart: bool = False  # start over although the run dir holds checkpoints (they are moved aside, not deleted)
     eval_metrics: bool = False  # WER/CER and SIM-O of the eval samples (valle_jax.evaluate) into the logs
     export_dtype: str = "bfloat16"
+    # LoRA fine-tuning (the reference's `loras:` entry; models.lora.LoraConfig, its defaults: rank 128, alpha 128,
+    # dropout 0.1, embeddings false, rvq_levels []): only the LoRA (and the `*_emb` tables with embeddings: true)
+    # trains, on the frozen base from `init_from`. None: full training (model.frozen_params then freezes by name).
+    lora: Any = None
     coordinator_address: str | None = None  # jax.distributed: explicit multi-process start
     num_processes: int | None = None
     process_id: int | None = None
@@ -768,6 +772,20 @@ class TrainConfig:
             raise _bad(f"{w}.compute_dtype", self.compute_dtype, "auto or one of " + ", ".join(DTYPES))
         if self.export_dtype not in DTYPES:
             raise _bad(f"{w}.export_dtype", self.export_dtype, "one of " + ", ".join(DTYPES))
+        if self.lora is not None:
+            from valle_jax.models.lora import LoraConfig, LoraError
+
+            if not isinstance(self.lora, LoraConfig):
+                if not isinstance(self.lora, Mapping):
+                    raise _bad(f"{w}.lora", self.lora, "a mapping (rank, alpha, dropout, embeddings, rvq_levels) or null")
+                known = {f.name for f in fields(LoraConfig)}
+                bad = sorted(set(self.lora) - known)
+                if bad:
+                    raise ConfigError(f"{w}.lora: unknown field(s) {', '.join(bad)} (expected {', '.join(sorted(known))})")
+                try:
+                    object.__setattr__(self, "lora", LoraConfig.from_dict(dict(self.lora), where=f"{w}.lora"))
+                except (LoraError, TypeError) as e:
+                    raise ConfigError(str(e) if isinstance(e, LoraError) else f"{w}.lora = {dict(self.lora)!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -807,7 +825,12 @@ class Config:
         for text in assignments:
             key, value = parse_assignment(text)
             parts = key.split(".")
-            _assign(data, key, parts if parts[0] in data else ["model"] + parts, value)
+            parts = parts if parts[0] in data else ["model"] + parts
+            if parts[:2] == ["train", "lora"] and len(parts) > 2 and data["train"].get("lora") is None:
+                from valle_jax.models.lora import LoraConfig
+
+                data["train"]["lora"] = plain(LoraConfig())  # `train.lora.rank=8` without a LoRA starts one (defaults)
+            _assign(data, key, parts, value)
         return Config.from_dict(data, where="overrides")
 
 

@@ -34,6 +34,7 @@ from valle_jax import parallel, sampling
 from valle_jax.config import ModelConfig
 from valle_jax.layout import Batch, before_stop, make_batch, prefix_rows
 from valle_jax.models import backbone
+from valle_jax.models.lora import LoraStack, lora_context
 from valle_jax.models.valle import VALLE
 
 Array = jax.Array
@@ -62,6 +63,7 @@ class DecodeState(NamedTuple):
     mu: Array  # [B] mirostat state
     beam: Array  # [B] beam scores
     finite: Array  # [B] every logit the slot sampled from was finite (NaN weights/activations are reported)
+    lora: Array  # [B] the slot's LoRA in the job's models.lora.LoraStack (-1: none)
 
 
 def greedy_params(batch: int, *, beam_width: int = 0, mirostat_shared: bool = True) -> sampling.SamplingParams:
@@ -106,27 +108,39 @@ def empty_state(cfg: ModelConfig, slots: int, max_tokens: int, cache_len: int,
     return DecodeState(init_cache(cfg, slots, cache_len), jnp.zeros((slots, C, V), jnp.float32),
                        jnp.zeros((slots, N), jnp.int32), zeros(), zeros(), jnp.zeros((slots,), bool), zeros(), zeros(),
                        jnp.full((slots, V), -1, jnp.int32), params, sampling.init_mirostat_mu(params),
-                       sampling.init_beam_scores(slots), jnp.ones((slots,), bool))  # fmt: skip
+                       sampling.init_beam_scores(slots), jnp.ones((slots,), bool), jnp.full((slots,), -1, jnp.int32))  # fmt: skip
 
 
-def prefill(cfg: ModelConfig, params: dict, batch: Batch) -> tuple[Any, Array, Array]:
+def prefill(cfg: ModelConfig, params: dict, batch: Batch, lora: LoraStack | None = None,
+            lora_index: Array | None = None) -> tuple[Any, Array, Array]:  # fmt: skip
     """Run the AR prefixes of `batch` (its resp is ignored) -> (state of the prefix rows only, logits [b, C, V],
-    prefix length [b]). `insert` writes the state's rows into longer slots."""
+    prefix length [b]). `insert` writes the state's rows into longer slots. `lora` / `lora_index` [b]: the
+    job's stacked LoRAs and each item's (-1: none)."""
     model = VALLE(cfg)
     b = batch.text.shape[0]
     prefix = _ar_batch(batch, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32))
     n_rows = prefix_rows(cfg, batch.text.shape[1], batch.prom.shape[1])
-    x, lay = model.apply({"params": params}, prefix, n_rows, method=VALLE.embed)
-    cache = init_cache(cfg, b, n_rows)
-    h, cache = model.apply({"params": params}, x, lay.positions, lay.valid, cache, method=VALLE.backbone)
+    with _ar_lora(lora, lora_index, b):
+        x, lay = model.apply({"params": params}, prefix, n_rows, method=VALLE.embed)
+        cache = init_cache(cfg, b, n_rows)
+        h, cache = model.apply({"params": params}, x, lay.positions, lay.valid, cache, method=VALLE.backbone)
     return cache, _ar_logits(model, params, _rows(h, lay.length - cfg.causal_size, cfg.causal_size)), lay.length
 
 
+def _ar_lora(lora: LoraStack | None, index_B: Array | None, batch: int) -> Any:
+    """The LoRA context of an AR pass: level 0 for every item (a LoRA's rvq_levels apply)."""
+    if lora is None:
+        return lora_context(None)
+    index_B = jnp.full((batch,), -1, jnp.int32) if index_B is None else index_B
+    return lora_context(lora, index_B, jnp.zeros((batch,), jnp.int32))
+
+
 def insert(state: DecodeState, slots: Array, cache: Any, logits: Array, resp_start: Array, limit: Array,
-           params: sampling.SamplingParams, copies: int = 1) -> DecodeState:  # fmt: skip
+           params: sampling.SamplingParams, copies: int = 1, lora_index: Array | None = None) -> DecodeState:  # fmt: skip
     """Put b prefilled items into `slots` [b * copies] (an index >= B is dropped: padding of the prefill bucket).
     Each item fills `copies` consecutive entries of `slots` (its beams). Only the rows the prefill made are
-    written into each slot's cache (a longer cache keeps its other rows: they are past the slot's length)."""
+    written into each slot's cache (a longer cache keeps its other rows: they are past the slot's length).
+    `lora_index` [b]: each item's LoRA (default none)."""
     C = logits.shape[1]
     B, N = state.tokens.shape
     n = slots.shape[0]
@@ -151,6 +165,7 @@ def insert(state: DecodeState, slots: Array, cache: Any, logits: Array, resp_sta
         mu=put(state.mu, sampling.init_mirostat_mu(params)),
         beam=state.beam.at[slots].set(1.0, mode="drop"),
         finite=state.finite.at[slots].set(True, mode="drop"),
+        lora=put(state.lora, jnp.full(resp_start.shape, -1, jnp.int32) if lora_index is None else lora_index),
     )  # fmt: skip
 
 
@@ -165,12 +180,13 @@ def _is_axes(x: Any) -> bool:
 
 
 def decode(cfg: ModelConfig, params: dict, state: DecodeState, key: Array, n_steps: int,
-           features: sampling.Features | None = None, attend_len: int | None = None) -> tuple[DecodeState, Array]:  # fmt: skip
+           features: sampling.Features | None = None, attend_len: int | None = None,
+           lora: LoraStack | None = None) -> tuple[DecodeState, Array]:  # fmt: skip
     """`n_steps` AR steps for every slot (a fixed-trip loop: no data-dependent exit inside the program; inactive
     slots do not change). `features` (static): the sampler steps compiled in (default: all, right for any
     settings). `attend_len` (static): the cache rows the steps may touch (every slot's prefix + tokens stays
     below it); the loop then works on that many rows of the cache, so attention reads no more, and writes them
-    back once at the end. None: the whole cache."""
+    back once at the end. None: the whole cache. `lora`: the job's stacked LoRAs (each slot's is `state.lora`)."""
     model = VALLE(cfg)
     f = features if features is not None else sampling.Features()
     C = cfg.causal_size
@@ -206,8 +222,9 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, key: Array, n_ste
         x = model.apply({"params": params}, jnp.where(fed, new, 0), method=VALLE.embed_ar_tokens)
         t = s.count[:, None] + col
         pos = (s.resp_start[:, None] + t) if unified else t
-        h, cache = model.apply({"params": params}, x, pos.astype(jnp.int32), fed, s.cache, step=True,
-                               method=VALLE.backbone)  # fmt: skip
+        with _ar_lora(lora, s.lora, B):
+            h, cache = model.apply({"params": params}, x, pos.astype(jnp.int32), fed, s.cache, step=True,
+                                   method=VALLE.backbone)  # fmt: skip
         rows = _ar_logits(model, params, h)
         if f.mirostat:  # after a one-token step the last C rows are C - 1 earlier rows and the new one
             both = jnp.concatenate([s.logits, rows], axis=1)
@@ -323,11 +340,14 @@ def nar_generate(
     sampling_params: sampling.SamplingParams | None = None,
     features: sampling.Features | None = None,
     with_finite: bool = False,
+    lora: LoraStack | None = None,
+    lora_index: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     """Codes [B, R, Q]: column 0 is `level0_BR`, columns 1..max_levels from one pass per level (spec 6.3).
     Response lengths are `batch.resp_len`; rows past them are padding. Columns beyond max_levels stay 0.
     The NAR samplers get temperature / min_temperature / top_k / top_p only, as the reference.
-    `with_finite`: also return finite [B], False where a logit of the item's rows was NaN/+inf at some level."""
+    `with_finite`: also return finite [B], False where a logit of the item's rows was NaN/+inf at some level.
+    `lora` / `lora_index` [B]: the job's stacked LoRAs and each item's (-1: none), at each item's level."""
     model = VALLE(cfg)
     Q = cfg.resp_levels
     top = Q - 1 if max_levels is None else min(max_levels, Q - 1)
@@ -340,7 +360,9 @@ def nar_generate(
     def body(level, carry):
         codes, key, finite = carry
         lvl = jnp.full((B,), level, jnp.int32)
-        logits, lay = model.apply({"params": params}, batch._replace(resp=codes, level=lvl), uniform_level=True)
+        index = jnp.full((B,), -1, jnp.int32) if lora_index is None else lora_index
+        with lora_context(lora, index, lvl):
+            logits, lay = model.apply({"params": params}, batch._replace(resp=codes, level=lvl), uniform_level=True)
         rows = _rows(logits, lay.resp_start, R)
         key, sub = jax.random.split(key)
         tokens = sampling.sample_nar(rows, sp, sub, features)
@@ -443,7 +465,7 @@ class ARScheduler:
     def __init__(self, cfg: ModelConfig, params: dict, *, slots: int, max_tokens: int, text_bucket: int,
                  prom_bucket: int, chunk: int = 16, seed: int = 0, continuous: bool = True, mesh: Mesh | None = None,
                  rules: Any = None, beam_width: int = 0, mirostat_shared: bool = True,
-                 attend_block: int = ATTEND_BLOCK):  # fmt: skip
+                 attend_block: int = ATTEND_BLOCK, lora: LoraStack | None = None):  # fmt: skip
         if beam_width > 1 and cfg.causal_size != 1:
             raise ValueError(f"beam search needs causal_size 1 (the reference's beam path), this model has "
                              f"{cfg.causal_size}")  # fmt: skip
@@ -461,6 +483,9 @@ class ARScheduler:
         self.programs = programs(cfg, state, self.mesh, self.rules)
         self.state = jax.device_put(state, self.programs.state_sharding)
         self.params = place_params(cfg, params, self.mesh, self.rules)
+        # the job's LoRAs, stacked (small: replicated); each slot's index lives in the decode state
+        self.lora = None if lora is None else jax.device_put(lora, NamedSharding(self.mesh, P()))
+        self.n_loras = 0 if lora is None else int(lora.scale.shape[0])
         self.key = jax.random.key(seed)
         self.features = sampling.NO_FEATURES
         self.owner: list[Any] = [None] * (self.slots // self.width)  # the item id held by each group of slots
@@ -469,9 +494,12 @@ class ARScheduler:
         self.steps = 0
 
     def submit(self, item_id: Any, text: np.ndarray, prom: np.ndarray, max_tokens: int,
-               params: sampling.SamplingParams | None = None) -> None:  # fmt: skip
+               params: sampling.SamplingParams | None = None, lora: int = -1) -> None:  # fmt: skip
         """Queue one item. `params` is a batch-of-1 SamplingParams (default greedy) with the scheduler's
-        static options (beam_width, mirostat_shared)."""
+        static options (beam_width, mirostat_shared). `lora`: the item's index in the scheduler's LoRA stack
+        (-1: none)."""
+        if not -1 <= lora < self.n_loras:
+            raise ValueError(f"item {item_id}: LoRA index {lora}, the scheduler holds {self.n_loras} LoRA(s)")
         if len(text) > self.text_bucket or len(prom) > self.prom_bucket:
             raise ValueError(f"item {item_id}: text {len(text)} / prompt {len(prom)} exceed the buckets "
                              f"{self.text_bucket} / {self.prom_bucket}")  # fmt: skip
@@ -480,7 +508,8 @@ class ARScheduler:
             raise ValueError(f"item {item_id}: beam_width/mirostat_shared {params.beam_width}/{params.mirostat_shared} "
                              f"differ from the scheduler's {self.template.beam_width}/{self.template.mirostat_shared}")
         self.features = self.features.union(sampling.features_of(params))
-        self.queue.append((item_id, {"text": text, "prom": prom, "max_tokens": max_tokens, "params": params}))
+        self.queue.append((item_id, {"text": text, "prom": prom, "max_tokens": max_tokens, "params": params,
+                                     "lora": int(lora)}))  # fmt: skip
 
     def _refill(self) -> None:
         free = [i for i, o in enumerate(self.owner) if o is None]
@@ -494,14 +523,18 @@ class ARScheduler:
         items += [items[0]] * (n - len(items))  # bucket padding: inserted at a dropped index
         batch = make_batch(items, pad_to={"text": self.text_bucket, "prom": self.prom_bucket})
         batch = batch._replace(text=batch.text[:, : self.text_bucket], prom=batch.prom[:, : self.prom_bucket])
-        cache, logits, start = self.programs.prefill(self.cfg, self.params, place_batch(batch, self.mesh, self.rules))
+        index = np.array([t["lora"] for _, t in take] + [-1] * (n - len(take)), np.int32)
+        index = None if self.lora is None else place_batch(index, self.mesh, self.rules)
+        cache, logits, start = self.programs.prefill(self.cfg, self.params, place_batch(batch, self.mesh, self.rules),
+                                                     self.lora, index)  # fmt: skip
         W = self.width
         slots = np.full((n * W,), self.slots, np.int32)
         for j, g in enumerate(free[: len(take)]):
             slots[j * W : (j + 1) * W] = np.arange(g * W, (g + 1) * W)
         limit = np.array([t["max_tokens"] for _, t in take] + [1] * (n - len(take)), np.int32)
         sp = sampling.stack_params([t["params"] for _, t in take] + [take[0][1]["params"]] * (n - len(take)))
-        self.state = self.programs.insert(self.state, jnp.asarray(slots), cache, logits, start, jnp.asarray(limit), sp, W)
+        self.state = self.programs.insert(self.state, jnp.asarray(slots), cache, logits, start, jnp.asarray(limit), sp, W,
+                                          index)  # fmt: skip
         start = np.asarray(start)
         for j, ((item_id, _), g) in enumerate(zip(take, free)):
             self.owner[g] = item_id
@@ -522,7 +555,7 @@ class ARScheduler:
             occupied = np.repeat(np.array([o is not None for o in self.owner]), W)
             attend = self._attend_len_of(occupied, count)
             self.state, self.key = self.programs.decode(self.cfg, self.params, self.state, self.key, self.chunk,
-                                                        self.features, attend)  # fmt: skip
+                                                        self.features, attend, self.lora)  # fmt: skip
             self.steps += self.chunk
             active, count = (np.array(a) for a in jax.device_get((self.state.active, self.state.count)))
             done = [g for g, o in enumerate(self.owner) if o is not None and not active[g * W]]

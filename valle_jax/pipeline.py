@@ -64,7 +64,7 @@ def _stage_name(setting: str, stage: str) -> str:
 
 AR_KEYS = {_stage_name(s, "ar"): s for s in sampling.SETTINGS}  # manifest/CLI name -> AR sampler setting
 NAR_KEYS = {_stage_name(s, "nar"): s for s in sampling.NAR_SETTINGS}
-ITEM_KEYS = {"id", "text", "prompt", "codes", "language", "max_ar_steps"} | set(AR_KEYS) | set(NAR_KEYS)
+ITEM_KEYS = {"id", "text", "prompt", "codes", "language", "max_ar_steps", "lora"} | set(AR_KEYS) | set(NAR_KEYS)
 
 # Sampler settings with a range narrower than "any finite number": the values that would crash or give NaN
 # (a zero or negative divisor or base); everything the reference gives a meaning to is accepted.
@@ -93,6 +93,7 @@ class Settings:
     language: str = "en"
     beam_width: int = 0  # > 1: beam search, each item takes this many slots (causal_size 1 models only)
     mirostat_shared: bool = False  # True: the reference's one mirostat state for the whole batch (parity only)
+    lora: str | None = None  # a reference LoRA file (.sft/.pth) for every item without a "lora" of its own
 
     def __post_init__(self):
         object.__setattr__(self, "ar", FrozenMap(self.ar))
@@ -106,6 +107,8 @@ class Settings:
             raise ConfigError(f"max_nar_levels = {self.max_nar_levels!r}: expected an integer >= 0")
         if self.preset not in ("cli", "inference", "forward"):
             raise ConfigError(f"preset = {self.preset!r}: expected cli, inference or forward")
+        if self.lora is not None and not (isinstance(self.lora, str) and self.lora.strip()):
+            raise ConfigError(f"lora = {self.lora!r}: expected the path of a LoRA file (.sft/.pth)")
 
     @classmethod
     def greedy(cls, **kw: Any) -> "Settings":
@@ -180,11 +183,12 @@ def ar_codes(cfg: ModelConfig, params: Any, batch: Batch, max_steps: int, *, key
 
 def nar_codes(cfg: ModelConfig, params: Any, batch: Batch, level0_BR: Any, *, max_levels: int | None = None,
               key: jax.Array | None = None, sampling_params: sampling.SamplingParams | None = None,
-              with_finite: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:  # fmt: skip
+              with_finite: bool = False, lora: Any = None, lora_index: Any = None) -> jax.Array | tuple[jax.Array, jax.Array]:  # fmt: skip
     """Codes [B, R, Q]: column 0 the given level-0 codes, levels 1..max_levels from the NAR passes
-    (`with_finite`: and finite [B], False where the item's NAR logits held NaN/inf)."""
+    (`with_finite`: and finite [B], False where the item's NAR logits held NaN/inf). `lora` (a
+    models.lora.LoraStack) / `lora_index` [B]: the LoRAs and each item's (-1: none)."""
     return _nar_jit(cfg, params, batch, level0_BR, max_levels=max_levels, key=key, sampling_params=sampling_params,
-                    features=_features(sampling_params), with_finite=with_finite)  # fmt: skip
+                    features=_features(sampling_params), with_finite=with_finite, lora=lora, lora_index=lora_index)  # fmt: skip
 
 
 def level0(raw: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -258,6 +262,8 @@ def check_item(item: Mapping[str, Any]) -> None:
         raise ItemError(f"field 'language' = {_shown(item['language'])}: expected a language code such as 'en'")
     if "codes" in item and not (isinstance(item["codes"], str) and item["codes"].strip()):
         raise ItemError(f"field 'codes' = {_shown(item['codes'])}: expected the path of a .enc/.dac codes file")
+    if item.get("lora") is not None and not (isinstance(item["lora"], str) and item["lora"].strip()):
+        raise ItemError(f"field 'lora' = {_shown(item['lora'])}: expected the path of a LoRA file (.sft/.pth) or null")
     if "prompt" in item:
         _paths("prompt", item["prompt"])
     elif "codes" not in item:
@@ -278,6 +284,7 @@ class Request:
     max_tokens: int
     ar: dict = field(default_factory=dict)  # AR sampler settings of this item (over the job's `Settings.ar`)
     nar: dict = field(default_factory=dict)
+    lora: str | None = None  # the item's LoRA file (loaded by Synthesizer.load_lora), None: the base alone
 
 
 @dataclass
@@ -358,6 +365,45 @@ class Synthesizer:
         self._ar_params = place_params(models.cfg, models.params, self.mesh, self.rules)
         same = models.nar_params is models.params and models.nar_cfg == models.cfg
         self._nar_params = self._ar_params if same else place_params(models.nar_cfg, models.nar_params, self.mesh, self.rules)
+        self._separate_nar = not same
+        self._loras: dict[str, tuple[Any, dict]] = {}  # LoRA file (resolved path) -> (LoraConfig, params): once per job
+        if settings.lora is not None:
+            try:
+                self.load_lora(settings.lora)
+            except ItemError as e:
+                raise ConfigError(f"--lora: {e}") from None
+
+    def load_lora(self, path: str | Path) -> str:
+        """Load a reference LoRA file once (checked against the base model: targets and shapes); returns the key
+        requests name it by. ItemError when it is not a LoRA of this model."""
+        from valle_jax.convert import CheckpointError
+        from valle_jax.lora_files import read_lora
+
+        key = str(Path(path).resolve())
+        if key not in self._loras:
+            if self._separate_nar:
+                raise ItemError(f"lora {path}: a LoRA with a separate NAR model is not supported (give an ar+nar model)")
+            if not Path(path).is_file():
+                raise ItemError(f"lora {path}: no such file")
+            try:
+                lora_cfg, lora_params, _ = read_lora(path, self.models.cfg, self.models.params)
+            except (CheckpointError, OSError, ValueError) as e:
+                raise ItemError(f"lora {e}" if str(e).startswith(str(path)) else f"lora {path}: {e}") from None
+            self._loras[key] = (lora_cfg, lora_params)
+        return key
+
+    def _lora_stack(self, requests: Sequence["Request"]) -> tuple[Any, dict[str, int]]:
+        """The LoRAs of these requests stacked (models.lora.stack_loras) and each file's index in the stack."""
+        from valle_jax.models.lora import stack_loras
+
+        names = sorted({r.lora for r in requests if r.lora is not None})
+        if not names:
+            return None, {}
+        for name in names:
+            self.load_lora(name)
+        stack = stack_loras([self._loras[str(Path(n).resolve())] for n in names], self.models.cfg.resp_levels)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())  # small: on every device
+        return jax.device_put(stack, replicated), {n: i for i, n in enumerate(names)}
 
     # ----- inputs
     def text_ids(self, text: Any, language: str) -> list[np.ndarray]:
@@ -433,8 +479,10 @@ class Synthesizer:
         steps = check_max_ar_steps(item.get("max_ar_steps", self.settings.max_ar_steps), self.settings.max_ar_steps)
         ar, nar = item_settings(item, AR_KEYS), item_settings(item, NAR_KEYS)
         lines = self.text_ids(item["text"], item.get("language", self.settings.language))
+        lora = item["lora"] if "lora" in item else self.settings.lora
+        lora = self.load_lora(lora) if lora is not None else None
         prom = self.prompt_codes(item)
-        return Request(item_id, lines, prom, steps, ar, nar)
+        return Request(item_id, lines, prom, steps, ar, nar, lora)
 
     # ----- generation
     def run(self, requests: Sequence[Request], progress: bool = True) -> Iterator[Output]:
@@ -446,18 +494,19 @@ class Synthesizer:
         if not lines:
             return
         width = max(1, st.beam_width)
+        self._stack, self._lora_index = self._lora_stack(requests)
         sched = ARScheduler(m.cfg, self._ar_params, slots=min(st.slots, len(lines) * width),
                             max_tokens=max(r.max_tokens for r in requests),
                             text_bucket=bucket(max(len(ids) for _, _, ids in lines)),
                             prom_bucket=bucket(max(len(r.prom) for r in requests)), chunk=st.chunk, seed=st.seed,
                             continuous=st.continuous, mesh=self.mesh, rules=self.rules, beam_width=st.beam_width,
-                            mirostat_shared=st.mirostat_shared)  # fmt: skip
+                            mirostat_shared=st.mirostat_shared, lora=self._stack)  # fmt: skip
         now = time.perf_counter()
         pending = {r.id: _Pending(r, now) for r in requests}
         for r, i, ids in lines:
             sched.submit((r.id, i), ids, r.prom, r.max_tokens,
                          sampling.ar_defaults(1, st.preset, beam_width=st.beam_width, mirostat_shared=st.mirostat_shared,
-                                              **{**st.ar, **r.ar}))  # fmt: skip
+                                              **{**st.ar, **r.ar}), self._lora_index.get(r.lora, -1))  # fmt: skip
         self._key = jax.random.key(st.seed + 1)
         self._buckets = (sched.text_bucket, sched.prom_bucket)
         group = len(sched.owner)  # lines decoded together: the NAR batches as many
@@ -501,8 +550,12 @@ class Synthesizer:
         sp = sampling.stack_params([sampling.nar_defaults(1, st.preset, **{**st.nar, **r.nar}) for r in reqs])
         self._key, sub = jax.random.split(self._key)
         batch = place_batch(batch, self.mesh, self.rules)
+        index = None
+        if self._stack is not None:
+            index = place_batch(np.array([self._lora_index.get(r.lora, -1) for r in reqs], np.int32), self.mesh, self.rules)
         codes, finite = nar_codes(m.nar_cfg, self._nar_params, batch, batch.resp[..., 0], max_levels=st.max_nar_levels,
-                                  key=sub, sampling_params=place_batch(sp, self.mesh, self.rules), with_finite=True)  # fmt: skip
+                                  key=sub, sampling_params=place_batch(sp, self.mesh, self.rules), with_finite=True,
+                                  lora=self._stack, lora_index=index)  # fmt: skip
         return _NarBatch(lines, codes, finite)
 
     def _decode(self, pending: dict, nar: list["_NarBatch"]) -> list[tuple[tuple, Any]]:

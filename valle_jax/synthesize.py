@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mirostat-shared", action="store_true", help="the reference's one mirostat state for the whole "
                     "batch (for parity; default: one per item, so an item's audio does not depend on its batch)")  # fmt: skip
     ap.add_argument("--devices", type=int, help="local devices the job decodes on (default: all of this process's)")
+    ap.add_argument("--lora", metavar="FILE", help="a reference LoRA file (.sft/.pth) for every item that names none; "
+                    "items may name their own (\"lora\": \"voices/alice.lora.sft\"), several LoRAs share a batch")  # fmt: skip
     multi = ap.add_argument_group("several processes (hosts) on one job; automatic on TPU pods and under SLURM")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
     multi.add_argument("--num-processes", type=int)
@@ -266,7 +268,7 @@ def settings_from_args(args: argparse.Namespace):
                         max_prompt_frames=args.max_prompt_frames, max_text_tokens=args.max_text_tokens, slots=args.batch,
                         chunk=args.chunk, continuous=not args.no_continuous, seed=args.seed, preset=args.preset,
                         ar=chosen(AR_KEYS), nar=chosen(NAR_KEYS), language=args.language, beam_width=args.beam_width,
-                        mirostat_shared=args.mirostat_shared)  # fmt: skip
+                        mirostat_shared=args.mirostat_shared, lora=args.lora)  # fmt: skip
     except ConfigError as e:
         raise UsageError(str(e)) from None
 

@@ -12,6 +12,13 @@ The run directory (`train.run_dir`) holds:
     model/, model.sft    at the end: a valle_jax model directory and its export in the reference format
                          (`model.pth` when fine-tuned from a .pth); dtype `train.export_dtype`
     reference.json       metadata of the `init_from` reference checkpoint (kept for the export)
+    base.json            a LoRA run (`train.lora`): the base it trains on, path and sha256 (a resume checks it)
+    lora.sft             a LoRA run, at the end: the LoRA in the reference's format (only lora_ tensors); with
+                         `train.lora.embeddings` also model/ + model.sft: the base with the trained *_emb tables
+
+A LoRA run (`train.lora`, valle_jax.trainable) trains only the LoRA (and the *_emb tables with `embeddings: true`)
+on the frozen base `train.init_from`; its checkpoints hold the LoRA, its optimizer state and the base pointer.
+`model.frozen_params` (full training) freezes the named parameters (reference state-dict names).
 
 A run resumes by itself from the newest usable checkpoint in its run directory (the model block then
 comes from that checkpoint; data, train and mesh settings from the current config, so `train.steps=...`
@@ -76,7 +83,7 @@ def write_eval_samples(state: dict, step: int, **context: Any) -> dict | None:
     from valle_jax import parallel
     from valle_jax.eval_samples import metrics_record, write_samples
 
-    params = parallel.to_host(state["params"])  # a collective in multi-process runs: every process takes part
+    params = parallel.to_host(context["trainer"].model_params(state))  # a collective: every process takes part
     if not context.get("primary", True):
         return None
     say = context.get("say", print)
@@ -288,6 +295,20 @@ def export_model(cfg: Config, params_host: dict, reference: dict, run_dir: Path)
     return export_reference(model_dir, run_dir / f"model{suffix}", dtype=cfg.train.export_dtype, force=True)
 
 
+def export_lora(cfg: Config, trained_host: dict, base_host: dict | None, reference: dict, run_dir: Path) -> Path:
+    """Process 0, a LoRA run: `run_dir/lora.sft` in the reference's format (only the lora_ tensors, dtype
+    train.export_dtype). With train.lora.embeddings the trained `*_emb` tables cannot go into that file (the
+    reference's LoRA file holds only lora_ tensors): they go into `run_dir/model` (+ model.sft / model.pth), the
+    base with the trained tables and without the LoRA, the base to use `lora.sft` with."""
+    from valle_jax.lora_files import write_lora
+    from valle_jax.trainable import EMBEDDINGS, LORA, overlay
+
+    path = write_lora(run_dir / "lora.sft", cfg.train.lora, trained_host[LORA], dtype=cfg.train.export_dtype)
+    if base_host is not None:
+        export_model(cfg, overlay(base_host, trained_host[EMBEDDINGS]), reference, run_dir)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the run
 
@@ -299,10 +320,13 @@ def _fmt_rate(x: float) -> str:
 def resolve_run(cfg: Config, run_dir: Path, resuming: bool, primary: bool) -> tuple[Config, dict, dict | None]:
     """The run's config, reference metadata and initial params: a resumed run keeps the model it trained (shapes
     may come from an init_from checkpoint); a new one starts from `train.init_from` or from scratch (params None).
-    Writes config.yaml (and reference.json) on the primary process."""
+    A LoRA run always loads its base (`train.init_from`; a resume checks it is the base in base.json).
+    Writes config.yaml (and reference.json, base.json) on the primary process."""
     reference: dict = {}
     ref_file = run_dir / "reference.json"
     init_params = None
+    if cfg.train.lora is not None:
+        return _resolve_lora_run(cfg, run_dir, resuming, primary)
     if resuming:
         saved_cfg = run_dir / "config.yaml"
         if saved_cfg.is_file():
@@ -317,6 +341,33 @@ def resolve_run(cfg: Config, run_dir: Path, resuming: bool, primary: bool) -> tu
     if primary:
         save_config(cfg, run_dir / "config.yaml")
     return cfg, reference, init_params
+
+
+def _resolve_lora_run(cfg: Config, run_dir: Path, resuming: bool, primary: bool) -> tuple[Config, dict, dict]:
+    from valle_jax.trainable import base_pointer, check_base
+
+    if not cfg.train.init_from:
+        raise ConfigError("train.lora: a LoRA trains on a base model: set train.init_from (a model directory or a "
+                          "reference .sft/.pth, e.g. an imported release)")  # fmt: skip
+    if not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: no such model directory or checkpoint file")
+    pointer = base_pointer(cfg.train.init_from)
+    base_file = run_dir / "base.json"
+    if resuming:
+        if not base_file.is_file():
+            raise ConfigError(f"{run_dir}: holds checkpoints but no base.json: not a LoRA run dir (train.restart=true "
+                              "starts a LoRA run over, or use another train.run_dir)")  # fmt: skip
+        check_base(json.loads(base_file.read_text()), pointer, run_dir)
+    mcfg, base, reference = model_from_init(cfg)
+    if resuming and (run_dir / "config.yaml").is_file():
+        mcfg = load_config(run_dir / "config.yaml").model
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    if primary:
+        if not resuming:
+            atomic_write_text(base_file, json.dumps(pointer, indent=1))
+        atomic_write_text(run_dir / "reference.json", json.dumps(reference, indent=1))
+        save_config(cfg, run_dir / "config.yaml")
+    return cfg, reference, base
 
 
 class MetricsWindow:
@@ -593,15 +644,23 @@ def _train(cfg: Config, run_dir: Path, data_fn: DataFn | None, loss_fn: Callable
     train_it = data_fn(cfg, "train", pi, pc)
     lr_origin = 0
     if resuming:
+        if trainer.lora is not None:
+            trainer.set_base(init_params)
         step, state, lr_origin = restore_run(ckpts, trainer, cfg, train_it)
         say(f"resumed from checkpoint {step} ({ckpts.directory / str(step)})"
             + (" with a fresh optimizer state (train.restore=params)" if t.restore == "params" else ""))  # fmt: skip
     else:
         step, state = 0, trainer.init_state(init_params)
         say(f"started {'from ' + str(cfg.train.init_from) if cfg.train.init_from else 'from scratch'}")
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.frozen_shapes if trainer.lora else trainer.abstract_state["params"]))
     say(f"model: {cfg.model.arch_type}, {n_params / 1e6:.2f}M params, compute {trainer.mcfg.dtype}; "
         f"optimizer {cfg.train.optimizer}, {cfg.train.steps} steps")  # fmt: skip
+    mem = trainer.memory()
+    if trainer.lora is not None or mem["frozen_params"]:
+        what = (f"LoRA rank {trainer.lora.rank}, alpha {trainer.lora.alpha}" + (" + embeddings" if trainer.lora.embeddings else "")
+                if trainer.lora is not None else "model.frozen_params")  # fmt: skip
+        say(f"trains {mem['trained_params'] / 1e6:.3f}M params ({what}; {mem['frozen_params'] / 1e6:.2f}M frozen); "
+            f"optimizer state {mem['opt_state_bytes'] / 2**20:.2f} MiB")  # fmt: skip
 
     # ----- logging, evaluation, signals
     bar = None
@@ -615,8 +674,10 @@ def _train(cfg: Config, run_dir: Path, data_fn: DataFn | None, loss_fn: Callable
     evaluator = Evaluator(cfg, trainer, data_fn, log, bar, say, run_dir, primary)
     stop = StopFlag()
     stop.install()
+    base_file = run_dir / "base.json"
+    base = json.loads(base_file.read_text()) if trainer.lora is not None and base_file.is_file() else None
     meta = lambda s: {"config": cfg.to_dict(), "step": int(s), "time": time.time(), "process_count": pc,  # noqa: E731
-                      "lr_origin": lr_origin}  # fmt: skip
+                      "lr_origin": lr_origin, **({"base": base} if base else {})}  # fmt: skip
     status, reason, diverged, export = "done", None, None, None
     last_saved = step
     awaiting: set[int] = {step} if resuming else set()  # checkpoints whose health the next step tells
@@ -678,7 +739,13 @@ def _train(cfg: Config, run_dir: Path, data_fn: DataFn | None, loss_fn: Callable
             if evaluator.enabled and step % max(t.eval_every, 1) != 0:
                 evaluator(state, step)
             params_host = parallel.to_host(state["params"])
-            if primary:
+            if trainer.lora is not None:
+                base_host = parallel.to_host(trainer.frozen) if trainer.lora.embeddings else None
+                if primary:
+                    export = export_lora(cfg, params_host, base_host, reference, run_dir)
+                    extra = f"; base with the trained embeddings {run_dir / 'model'}" if base_host is not None else ""
+                    say(f"\ndone: {step} steps; LoRA {export} (reference format){extra}")
+            elif primary:
                 export = export_model(cfg, params_host, reference, run_dir)
                 say(f"\ndone: {step} steps; model {run_dir / 'model'}, reference export {export}")
     finally:

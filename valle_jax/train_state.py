@@ -3,8 +3,10 @@
 Train state: a plain dict pytree (what orbax saves), every leaf a global `jax.Array` laid out by the mesh:
 
     {"step":      int32 []   steps taken (batches consumed, skipped ones included),
-     "params":    float32 master weights (the model's param tree, `models.valle.init_params`),
-     "opt_state": optax state (moments sharded like the params),
+     "params":    float32 master weights of what trains: the model's param tree (`models.valle.init_params`), or
+                  in a LoRA run (`train.lora`) {"lora": LoRA tree, "embeddings": *_emb tables (embeddings: true)}
+                  while the frozen base is an input of the step (`Trainer.frozen`, never updated or saved),
+     "opt_state": optax state (moments sharded like the params; none for `model.frozen_params` leaves),
      "bad_steps": int32 []   NaN/inf steps in a row (0 after a good step),
      "skipped":   int32 []   NaN/inf steps in total}
 
@@ -34,10 +36,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from valle_jax import parallel
+from valle_jax import parallel, trainable
 from valle_jax.config import Config, ConfigError, ModelConfig, Optimizer, TrainConfig, runtime_config
 from valle_jax.layout import Batch, as_batch
 from valle_jax.models import loss as loss_lib
+from valle_jax.models.lora import LoraError, init_lora, lora_context, lora_logical_axes, merge_lora, stack_loras
 from valle_jax.models.valle import VALLE, init_params, logical_axes
 
 State = dict[str, Any]
@@ -159,14 +162,39 @@ class Trainer:
         self.mcfg = training_model_config(cfg, self.platform)
         self.rules = parallel.axis_rules(cfg.mesh)
         self.model = VALLE(self.mcfg)
-        self.tx = make_optimizer(cfg.train)
         self.loss_fn = loss_fn or default_loss
+        self.lora = cfg.train.lora  # LoraConfig or None (valle_jax.trainable says what trains)
 
         self.replicated = parallel.replicated(self.mesh)
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
         self.batch_divisor = parallel.batch_divisor(self.mesh, self.rules) * cfg.train.grad_accum
-        params_shapes = jax.eval_shape(lambda: init_params(self.mcfg, jax.random.key(0)))
-        self.param_sharding = parallel.param_shardings(params_shapes, logical_axes(self.mcfg), self.mesh, self.rules)
+        base_shapes = jax.eval_shape(lambda: init_params(self.mcfg, jax.random.key(0)))
+        self.base_sharding = parallel.param_shardings(base_shapes, logical_axes(self.mcfg), self.mesh, self.rules)
+        if self.lora is None:  # full training: the state's params are the model's (model.frozen_params masked)
+            self.mask = trainable.trains_mask(self.mcfg, base_shapes)
+            self.tx = trainable.masked_optimizer(make_optimizer(cfg.train), self.mask)
+            params_shapes, self.param_sharding = base_shapes, self.base_sharding
+            self.frozen_shapes, self.frozen_sharding = {}, {}
+        else:  # LoRA: the state's params are the LoRA (+ embeddings); the base is a frozen input of the step
+            if self.mcfg.frozen_params:
+                raise ConfigError("model.frozen_params with train.lora: a LoRA run trains only the LoRA (and the *_emb "
+                                  "tables with train.lora.embeddings); drop one of the two")  # fmt: skip
+            try:
+                self.lora.validate(self.mcfg.resp_levels, where="train.lora")
+            except LoraError as e:
+                raise ConfigError(str(e)) from None
+            self.mask = None
+            self.tx = make_optimizer(cfg.train)
+            lora_shapes = jax.eval_shape(lambda: init_lora(self.mcfg, self.lora, jax.random.key(0), base_shapes))
+            lora_axes = lora_logical_axes(lora_shapes, logical_axes(self.mcfg))
+            params_shapes = {trainable.LORA: lora_shapes}
+            self.param_sharding = {trainable.LORA: parallel.param_shardings(lora_shapes, lora_axes, self.mesh, self.rules)}
+            if self.lora.embeddings:
+                paths = trainable.embedding_paths(base_shapes)
+                params_shapes[trainable.EMBEDDINGS] = trainable.subtree(base_shapes, paths)
+                self.param_sharding[trainable.EMBEDDINGS] = trainable.subtree(self.base_sharding, paths)
+            self.frozen_shapes, self.frozen_sharding = base_shapes, self.base_sharding
+        self.frozen: dict = {}  # the LoRA run's base params on the mesh (set_base)
         opt_shapes = jax.eval_shape(self.tx.init, params_shapes)
         self.opt_sharding = parallel.like_params_shardings(opt_shapes, params_shapes, self.param_sharding, self.mesh)
         r = self.replicated
@@ -176,11 +204,28 @@ class Trainer:
                   "bad_steps": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32)}  # fmt: skip
         self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
 
-        self._init = jax.jit(self._in_mesh(self._init_fn), out_shardings=self.state_sharding)
+        self._init = jax.jit(self._in_mesh(self._init_fn), in_shardings=(r, self.frozen_sharding),
+                             out_shardings=self.state_sharding)  # fmt: skip
         self._from_params = jax.jit(self._in_mesh(self._from_params_fn), in_shardings=(self.param_sharding, r),
                                     out_shardings=self.state_sharding)  # fmt: skip
+        self._model_params = jax.jit(self._in_mesh(self._model_params_fn), in_shardings=(self.param_sharding, self.frozen_sharding),
+                                     out_shardings=self.base_sharding)  # fmt: skip
         self._steps: dict[int | None, tuple[Callable, Callable]] = {}
         self._train_step, self._eval_step = self.compiled_steps(None)
+
+    def memory(self) -> dict:
+        """Sizes of the train state: trained params and their bytes, optimizer-state bytes, frozen params (the
+        LoRA run's base, or the model.frozen_params leaves)."""
+        a = self.abstract_state
+        if self.lora is not None:
+            frozen = trainable.count(self.frozen_shapes)
+        elif self.mask is not None:
+            frozen = sum(int(x.size) for x, t in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(self.mask)) if not t)
+        else:
+            frozen = 0
+        return {"trained_params": trainable.count(a["params"]) - (0 if self.lora is not None else frozen),
+                "params_bytes": trainable.nbytes(a["params"]), "opt_state_bytes": trainable.nbytes(a["opt_state"]),
+                "frozen_params": frozen}  # fmt: skip
 
     def compiled_steps(self, n_rows: int | None) -> tuple[Callable, Callable]:
         """(train step, eval step) jitted for batches whose model runs `n_rows` sequence rows (a bucket's length;
@@ -188,10 +233,11 @@ class Trainer:
         if n_rows not in self._steps:
             r = self.replicated
             train = jax.jit(self._in_mesh(functools.partial(self._train_step_fn, n_rows=n_rows)),
-                            in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=(self.state_sharding, r),
-                            donate_argnums=(0,))  # fmt: skip
+                            in_shardings=(self.state_sharding, self.batch_sharding, self.frozen_sharding),
+                            out_shardings=(self.state_sharding, r), donate_argnums=(0,))  # fmt: skip
             evaluate = jax.jit(self._in_mesh(functools.partial(self._eval_fn, n_rows=n_rows)),
-                               in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=r)  # fmt: skip
+                               in_shardings=(self.param_sharding, self.batch_sharding, self.frozen_sharding),
+                               out_shardings=r)  # fmt: skip
             self._steps[n_rows] = (train, evaluate)
         return self._steps[n_rows]
 
@@ -209,45 +255,90 @@ class Trainer:
         zero = jnp.zeros((), jnp.int32)
         return {"step": zero, "params": params, "opt_state": self.tx.init(params), "bad_steps": zero, "skipped": zero}
 
-    def _init_fn(self, rng):
-        return self._new_state(init_params(self.mcfg, rng))
+    def _init_fn(self, rng, frozen):
+        if self.lora is None:
+            return self._new_state(init_params(self.mcfg, rng))
+        params = {trainable.LORA: init_lora(self.mcfg, self.lora, rng, frozen)}
+        if self.lora.embeddings:  # the trained tables start from the base's
+            params[trainable.EMBEDDINGS] = trainable.subtree(frozen, trainable.embedding_paths(frozen))
+        return self._new_state(params)
+
+    def _model_params_fn(self, params, frozen):
+        """The model's params as trained: the LoRA folded into the base (at every level), embeddings in place."""
+        if self.lora is None:
+            return params
+        base = trainable.overlay(frozen, params.get(trainable.EMBEDDINGS))
+        return merge_lora(base, params[trainable.LORA], self.lora, all_levels=True)
 
     def _from_params_fn(self, params, step):
         return {**self._new_state(jax.tree.map(lambda x: x.astype(jnp.float32), params)), "step": step}
 
     def init_state(self, params: dict | None = None) -> State:
-        """Fresh state from `train.seed`, or from given params (numpy, e.g. an imported reference checkpoint)."""
+        """Fresh state from `train.seed`, or from given params (numpy, e.g. an imported reference checkpoint).
+        A LoRA run: `params` is the base (required), the LoRA starts fresh from `train.seed`."""
+        if self.lora is not None:
+            if params is None:
+                raise ConfigError("train.lora needs a base model: set train.init_from (a model directory or a reference .sft/.pth)")
+            self.set_base(params)
+            return self._init(jax.random.key(self.cfg.train.seed), self.frozen)
         if params is None:
-            return self._init(jax.random.key(self.cfg.train.seed))
-        expected = self.abstract_state["params"]
-        if jax.tree.structure(params) != jax.tree.structure(expected):
+            return self._init(jax.random.key(self.cfg.train.seed), {})
+        return self._from_params(self._place(params, self.abstract_state["params"]), jnp.zeros((), jnp.int32))
+
+    def set_base(self, params: dict) -> None:
+        """A LoRA run's frozen base (numpy params of the model config) onto the mesh, float32."""
+        expected = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh),
+                                self.frozen_shapes, self.frozen_sharding)  # fmt: skip
+        self.frozen = self._place(params, expected)
+
+    def model_params(self, state: State) -> dict:
+        """The full model params of a state (global arrays): a LoRA run's base with its LoRA merged in (at every
+        level, as trained), else the state's own params (no copy)."""
+        if self.lora is None:
+            return state["params"]
+        return self._model_params(state["params"], self.frozen)
+
+    @staticmethod
+    def _place(params: dict, expected: Any) -> dict:
+        """numpy params (or global arrays already laid out as `expected`) -> float32 global arrays on the mesh."""
+        same_tree = jax.tree.structure(params) == jax.tree.structure(expected)
+        if same_tree and all(isinstance(a, jax.Array) and a.sharding == s.sharding and a.shape == s.shape
+                             for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):  # fmt: skip
+            return jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        if not same_tree:
             raise ConfigError("init_from: the checkpoint's parameter tree does not match the model config")
         bad = [f"{jax.tree_util.keystr(k)} {np.shape(a)} != {s.shape}"
                for (k, a), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected))
                if tuple(np.shape(a)) != tuple(s.shape)]  # fmt: skip
         if bad:
             raise ConfigError(f"init_from: parameter shapes differ from the model config: {'; '.join(bad[:5])}")
-        placed = jax.tree.map(
+        return jax.tree.map(
             lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx, a=a: np.asarray(a, np.float32)[idx]),
             params, expected,
         )  # fmt: skip
-        return self._from_params(placed, jnp.zeros((), jnp.int32))
 
     def fresh_optimizer(self, params: dict, step: Any) -> State:
         """A state with these (global, sharded) params at `step` and a new optimizer state (`train.restore=params`)."""
         return self._from_params(params, jnp.asarray(step, jnp.int32))
 
     # ----- forward / loss -----
-    def _forward(self, params, batch: Batch, key, deterministic: bool, step, n_rows: int | None = None):
-        with nn.logical_axis_rules(self.rules):
-            rngs = None if deterministic else {"dropout": key}
-            logits, lay = self.model.apply({"params": params}, batch, deterministic=deterministic, n_rows=n_rows, rngs=rngs)
+    def _forward(self, params, frozen, batch: Batch, key, deterministic: bool, step, n_rows: int | None = None):
+        rngs = None if deterministic else {"dropout": key}
+        if self.lora is None:
+            model_params, stack = trainable.freeze(params, self.mask), None
+        else:  # the reference trains a LoRA at every level (rvq_levels is an inference setting)
+            model_params = trainable.overlay(jax.lax.stop_gradient(frozen), params.get(trainable.EMBEDDINGS))
+            stack = stack_loras([(self.lora, params[trainable.LORA])], self.mcfg.resp_levels)
+        dropout = 0.0 if deterministic or self.lora is None else float(self.lora.dropout)
+        with nn.logical_axis_rules(self.rules), lora_context(stack, train=True, dropout=dropout):
+            logits, lay = self.model.apply({"params": model_params}, batch, deterministic=deterministic, n_rows=n_rows,
+                                           rngs=rngs)  # fmt: skip
         total, metrics = self.loss_fn(self.mcfg, logits, batch, step)
         return total, batch_stats(self.mcfg, logits, batch, metrics, lay.length)
 
-    def _grads(self, params, batch: Batch, key, step, n_rows: int | None = None):
+    def _grads(self, params, frozen, batch: Batch, key, step, n_rows: int | None = None):
         A = self.cfg.train.grad_accum
-        grad_fn = jax.value_and_grad(lambda p, b, k, s: self._forward(p, b, k, False, s, n_rows), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, b, k, s: self._forward(p, frozen, b, k, False, s, n_rows), has_aux=True)
         if A == 1:
             (total, stats), grads = grad_fn(params, batch, key, step)
             return total, stats, grads
@@ -268,13 +359,17 @@ class Trainer:
         (total, stats, grads), _ = jax.lax.scan(body, zeros, (tuple(micro), jnp.arange(A)))
         return total / A, stats, jax.tree.map(lambda g: g / A, grads)
 
-    def _train_step_fn(self, state: State, batch: Batch, n_rows: int | None = None):
+    def _train_step_fn(self, state: State, batch: Batch, frozen: dict | None = None, n_rows: int | None = None):
         """One update, or none: a step whose loss or gradient is not finite keeps params and optimizer state; once
         `train.max_bad_steps` such steps are in a row the state is frozen (`stopped` in the metrics: the host,
         which reads metrics late to never wait on the device, then stops at exactly that step)."""
+        if frozen is None:  # a full run has no frozen input (a LoRA run's step always gets its base)
+            if self.lora is not None:
+                raise ValueError("a LoRA run's train step needs the frozen base (Trainer.frozen)")
+            frozen = {}
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
-        total, stats, grads = self._grads(state["params"], batch, key, step, n_rows)
+        total, stats, grads = self._grads(state["params"], frozen, batch, key, step, n_rows)
         grad_norm = optax.tree.norm(grads)
         stopped = state["bad_steps"] >= self.cfg.train.max_bad_steps
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -294,8 +389,8 @@ class Trainer:
                    "skipped": new_state["skipped"], "step": step + 1, **stats}  # fmt: skip
         return new_state, metrics
 
-    def _eval_fn(self, params, batch: Batch, n_rows: int | None = None):
-        total, stats = self._forward(params, batch, None, True, jnp.int32(-1), n_rows)
+    def _eval_fn(self, params, batch: Batch, frozen: dict, n_rows: int | None = None):
+        total, stats = self._forward(params, frozen, batch, None, True, jnp.int32(-1), n_rows)
         return {"loss": total, **stats}
 
     # ----- public steps -----
@@ -311,7 +406,7 @@ class Trainer:
     def train_step(self, state: State, local_batch: dict | Batch) -> tuple[State, dict]:
         """One optimizer step on a host-local batch; returns (new state, metrics as device arrays). The given
         state's buffers are donated to the new one: do not use it again."""
-        return self.compiled_steps(batch_rows(local_batch))[0](state, self.device_batch(local_batch))
+        return self.compiled_steps(batch_rows(local_batch))[0](state, self.device_batch(local_batch), self.frozen)
 
     def attention_path(self, n_rows: int) -> str:
         """The attention computation a training step over `n_rows` rows runs (models.backbone.attention_path)."""
@@ -320,7 +415,7 @@ class Trainer:
         return attention_path(self.mcfg, n_rows, cached=False)
 
     def eval_step(self, state: State, local_batch: dict | Batch) -> dict:
-        return self.compiled_steps(batch_rows(local_batch))[1](state["params"], self.device_batch(local_batch))
+        return self.compiled_steps(batch_rows(local_batch))[1](state["params"], self.device_batch(local_batch), self.frozen)
 
     def learning_rate(self, good_steps: int) -> float:
         """The schedule's value after `good_steps` applied updates (host-side, no device work)."""
