@@ -70,7 +70,12 @@ def test_sharded_step_equals_single_device(reference, name, capfd):
     trainer = Trainer(cfg)
     assert trainer.mesh.devices.size == 8
     norms = []
-    losses, params = run(trainer, params0, data, norms)
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # compiled here, so that XLA's warnings are seen
+    try:
+        losses, params = run(trainer, params0, data, norms)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(norms, ref_norms, rtol=2e-5)  # the gradient's scale, not only its direction
     assert max_diff(params, ref_params) < 2e-5, name
