@@ -34,6 +34,17 @@ def heads_of(checkpoint: str | Path) -> int | None:
     return next((v["dims"]["heads"] for v in VARIANTS.values() if v["checkpoint"] == Path(checkpoint).name), None)
 
 
+def cli_env(tmp_path_factory, devices: int = 1) -> dict:
+    """The environment of the CLIs a test module starts: CPU with `devices` fake devices, the repository on the
+    path, and one persistent compilation cache for the module's runs (each compiles the same programs)."""
+    e = dict(os.environ)
+    e.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+              "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")})  # fmt: skip
+    return e
+
+
 def free_port() -> int:
     """A TCP port free on this machine now (for a jax.distributed coordinator)."""
     with socket.socket() as s:

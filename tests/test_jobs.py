@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, fixture_paths, free_port, heads_of
+from conftest import ROOT, cli_env, fixture_paths, free_port, heads_of
 from valle_jax import jobfolder
 
 CKPT = fixture_paths("llama_v5_split_sums_nonunified")[0]
@@ -30,12 +30,7 @@ TIMEOUT = 600
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Subprocess environment: one CPU device, compiled programs cached across the module's jobs."""
-    e = dict(os.environ)
-    e.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-              "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")})  # fmt: skip
-    return e
+    return cli_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ Bases are random-initialised tiny models (configs/train-tiny.yaml, configs/demo.
 seeded random EnCodec as in test_train_demo.py)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from conftest import ROOT
+from conftest import ROOT, cli_env
 from valle_jax.checkpoint import TrainCheckpoints, flat_shapes, save_model_dir
 from valle_jax.config import ConfigError, load_config
 from valle_jax.convert import export_reference, read_safetensors
@@ -34,16 +33,7 @@ TIMEOUT = 600
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update({
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
-    })  # fmt: skip
-    return e
+    return cli_env(tmp_path_factory)
 
 
 def random_base(config: Path, out: Path, seed: int) -> tuple[Path, dict]:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import cli_env, free_port
 from valle_jax.checkpoint import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +28,7 @@ COMMON = ("train.schedule=constant", f"train.steps={STEPS}", "train.save_every=4
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update({
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
-    })  # fmt: skip
-    return e
+    return cli_env(tmp_path_factory, devices=2)
 
 
 class Pair:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import cli_env
 from valle_jax.checkpoint import load_model_dir
 from valle_jax.config import TrainConfig, load_config
 from valle_jax.train_state import make_schedule, schedule_value
@@ -27,16 +28,7 @@ TIMEOUT = 240
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update({
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
-    })  # fmt: skip
-    return e
+    return cli_env(tmp_path_factory)
 
 
 def start(run_dir: Path, env: dict, *overrides: str, nan_steps: str | None = None) -> subprocess.Popen:
