@@ -21,6 +21,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from valle_jax.config import ConfigError, ModelConfig
+from valle_jax.fileio import sha256_file
 
 Path_ = tuple[str, ...]
 LORA, EMBEDDINGS = "lora", "embeddings"  # the keys of a LoRA run's trainable tree
@@ -99,10 +100,10 @@ def content_hash(path: str | Path) -> str:
     """sha256 of a checkpoint file, or of a model directory (its files' relative names and bytes, sorted)."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
+    if not path.is_dir():
+        return sha256_file(path)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)

@@ -22,10 +22,11 @@ your own (a fine-tuned codec, the random stand-ins of the tests) need the check 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from valle_jax.fileio import sha256_file as sha256_of
 
 __all__ = [
     "MissingWeightsError",
@@ -122,14 +123,6 @@ def hf_hub_cache() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
     )
     return Path(os.path.expanduser(hf_home)) / "hub"
-
-
-def sha256_of(path: os.PathLike | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verification_on(verify: bool | None) -> bool:

