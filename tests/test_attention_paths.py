@@ -39,6 +39,9 @@ def test_auto_picks_the_kernel_of_the_platform(platform, dtype, dropout, expecte
     assert run.attention_dropout_rate == (0.0 if fused else (dropout if dropout is not None else cfg.dropout))
     for explicit in ("xla", "cudnn", "splash"):  # an explicit choice is kept wherever it is asked for
         assert resolve_attention(explicit, dtype, platform, None) == explicit
+    # Pallas kernels are interpreted exactly when the platform compiled for is not a TPU: from the platform given,
+    # not from this CPU host's default backend (a TPU program compiled ahead of time here gets the real kernel)
+    assert run.kernel_interpret == (platform != "tpu")
 
 
 def test_dropout_on_a_fused_kernel_is_refused_and_the_default_is_said():
@@ -98,7 +101,7 @@ def test_splash_kernel_equals_xla_attention_values_and_gradients():
 
 def _tiny(impl):
     cfg = load_yaml(ROOT / "configs" / "tiny.yaml").override({"heads": 1, "attention_impl": impl})  # head_dim 64
-    return dataclasses.replace(cfg, dtype="float32")
+    return dataclasses.replace(cfg, dtype="float32", kernel_interpret=True)  # Pallas on this CPU: interpret mode
 
 
 def _batch(cfg, rows=110):  # the longest item takes 105 rows; splash pads to its 128-row tile

@@ -120,7 +120,9 @@ def kernel_in_hlo(text: str, path: str) -> bool | None:
     if path == "cudnn":
         return "cudnn$fmha" in t or "__cudnn$fmha" in t or "cudnn_fmha" in t
     if path == "splash":
-        return "splash" in t or ("tpu_custom_call" in t and "flash" in t)
+        # the Mosaic kernel's call; interpret mode (a program compiled for a non-TPU platform) has splash op names
+        # in its metadata but no tpu_custom_call
+        return "tpu_custom_call" in t and ("splash" in t or "flash" in t)
     return None
 
 

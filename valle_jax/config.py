@@ -269,6 +269,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each decoder layer, by policy name (models.backbone)
+    # Pallas kernels (splash) in interpret mode: the model is compiled for a platform other than TPU (a test on
+    # CPU). Decided by `runtime_config` from the platform compiled for, not from JAX's default backend, so a TPU
+    # program compiled ahead of time on a CPU host gets the real kernel.
+    kernel_interpret: bool = False
     # --- RetNet (spec reference-retnet.md) ---
     retnet_layernorm_eps: float = 1e-5
     retnet_group_norm_eps: float = 1e-5
@@ -560,6 +564,7 @@ def runtime_config(cfg: ModelConfig, dtype: str = "auto", attention_impl: str | 
 
         platform = jax.default_backend()
     changes["attention_impl"] = resolve_attention(requested, changes["dtype"], platform, cfg.attention_dropout)
+    changes["kernel_interpret"] = platform != "tpu"
     try:
         return dataclasses.replace(cfg, **changes)
     except ConfigError:
