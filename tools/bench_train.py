@@ -30,7 +30,10 @@ bf16 8192^3 matmul reached on the project's H200).
 --tpu-aot TOPOLOGY (e.g. v5e:2x2, v4:2x2x1): lower and compile the step for that TPU slice with libtpu's
 compile-only client and report the compiled memory per chip against the chip's HBM (does it fit?); runs
 nothing. Without libtpu it prints one JSON line saying why. It also reports XLA's cost analysis (FLOPs, bytes
-accessed) and a roofline estimate of tokens/s from the chip's peak FLOP/s and HBM bandwidth (on paper).
+accessed) and a roofline estimate of tokens/s from the chip's peak FLOP/s and HBM bandwidth (on paper). XLA counts
+a Pallas kernel's operands and results once and none of its FLOPs, so on the splash path the roofline adds the
+kernel's own work (`splash_kernel_cost`: its causal FLOPs, and the key/value and query tiles it reads again for
+every tile pair it visits), reported apart as `attention_kernel_*_est`.
 """
 
 from __future__ import annotations
@@ -76,6 +79,26 @@ def model_flops_per_token(mcfg, length: int) -> float:
     per_layer = D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
     head = D * max(mcfg.head_widths)
     return 6.0 * (L * per_layer + head) + 12.0 * L * length * D
+
+
+def splash_kernel_cost(mcfg, batch: int, length: int, n_devices: int) -> dict:
+    """What XLA's cost analysis does not see of the splash kernel, per device: the FLOPs of the tile pairs it
+    visits (causal: the blocks on and below the diagonal; forward QK^T and PV, fused backward recomputing QK^T plus
+    dP, dV, dQ, dK: 4 + 10 matmuls of t x t x Dh per pair and head) and the tile reads beyond one read of each
+    operand (forward: a key and a value tile per pair; backward: a query, an output-gradient tile and two float32
+    row statistics per pair), for every layer. Work is split evenly over the devices (batch and heads)."""
+    from valle_jax.models.llama import SPLASH_BLOCK, splash_tile
+
+    rows = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+    t, Dh = splash_tile(rows), mcfg.head_dim
+    n = rows // t
+    pairs = n * (n + 1) // 2
+    heads = batch * mcfg.n_heads * mcfg.n_layers / n_devices  # (item, head, layer) triples per device
+    itemsize = 2 if mcfg.dtype in ("bfloat16", "float16") else 4
+    flops = heads * pairs * 14 * t * t * Dh
+    extra = heads * (pairs - n) * (2 * 2 * t * Dh * itemsize + 2 * t * 4)
+    return {"attention_kernel_tflops_per_device_est": round(flops / 1e12, 4),
+            "attention_kernel_extra_gbytes_per_device_est": round(extra / 1e9, 3), "splash_tile": t}
 
 
 def synthetic_items(cfg, batch: int, length: int, seed: int = 0) -> dict:
@@ -195,10 +218,12 @@ def tpu_aot(args) -> int:
     model_tflops = model_flops_per_token(trainer.mcfg, args.length) * tokens / 1e12
     path = trainer.attention_path(args.length)
     roofline = {}
+    kernel = splash_kernel_cost(trainer.mcfg, args.batch, args.length, len(devices)) if path == "splash" else {}
     if chip and cost.get("hlo_tflops_per_device"):
         # on paper: the step takes at least the longer of its FLOPs at peak and its bytes at HBM bandwidth
-        t_flops = cost["hlo_tflops_per_device"] / PEAK_TFLOPS[chip]
-        t_bytes = cost["hlo_gbytes_accessed_per_device"] / HBM_GBPS[chip]
+        tflops = cost["hlo_tflops_per_device"] + kernel.get("attention_kernel_tflops_per_device_est", 0.0)
+        gbytes = cost["hlo_gbytes_accessed_per_device"] + kernel.get("attention_kernel_extra_gbytes_per_device_est", 0.0)
+        t_flops, t_bytes = tflops / PEAK_TFLOPS[chip], gbytes / HBM_GBPS[chip]
         t = max(t_flops, t_bytes)
         roofline = {"roofline_step_s": round(t, 5), "roofline_bound": "compute" if t_flops >= t_bytes else "memory",
                     "roofline_tokens_per_s": round(tokens / t, 0),
@@ -212,7 +237,7 @@ def tpu_aot(args) -> int:
           "params_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["params"]) / 2**30, 3),
           "opt_state_gib_per_device": round(state_bytes_per_device(trainer.abstract_state["opt_state"]) / 2**30, 3),
           "opt_state_bytes": memory["opt_state_bytes"], "trained_params_M": round(memory["trained_params"] / 1e6, 4),
-          "model_tflops_per_step": round(model_tflops, 3), **cost, **roofline})  # fmt: skip
+          "model_tflops_per_step": round(model_tflops, 3), **cost, **kernel, **roofline})  # fmt: skip
     return 0
 
 
