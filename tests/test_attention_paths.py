@@ -13,7 +13,7 @@ from conftest import ROOT
 from valle_jax.config import AttentionImpl, ConfigError, ModelConfig, describe_attention, load_yaml, resolve_attention, runtime_config
 from valle_jax.layout import make_batch
 from valle_jax.models import backbone
-from valle_jax.models.llama import attend_splash, attend_xla, attention_path, causal_mask
+from valle_jax.models.llama import attend_splash, attend_xla, attention_path, causal_mask, splash_tile
 from valle_jax.models.valle import VALLE, init_params
 
 
@@ -81,8 +81,10 @@ def _qkv(B=2, S=200, H=4, K=2, Dh=64, seed=0):
     return q, k, v, valid
 
 
-def test_splash_kernel_equals_xla_attention_values_and_gradients():
-    q, k, v, valid = _qkv()
+@pytest.mark.parametrize("S,tile", [(200, 256), (700, 384)])  # one tile; two tiles (pairs below the diagonal)
+def test_splash_kernel_equals_xla_attention_values_and_gradients(S, tile):
+    assert splash_tile(-(-S // 128) * 128) == tile
+    q, k, v, valid = _qkv(S=S)
     mask = causal_mask(valid)
     ref = attend_xla(q, k, v, mask, None)
     out = attend_splash(q, k, v, valid, interpret=True)
