@@ -41,7 +41,8 @@ def test_auto_picks_the_kernel_of_the_platform(platform, dtype, dropout, expecte
         assert resolve_attention(explicit, dtype, platform, None) == explicit
     # Pallas kernels are interpreted exactly when the platform compiled for is not a TPU: from the platform given,
     # not from this CPU host's default backend (a TPU program compiled ahead of time here gets the real kernel)
-    assert run.kernel_interpret == (platform != "tpu")
+    assert run.platform == platform and run.kernel_interpret == (platform != "tpu")
+    assert run.flat_rows == (platform == "cpu")  # 2-d Dense products on CPU only (models.backbone.rows_dot_general)
 
 
 def test_dropout_on_a_fused_kernel_is_refused_and_the_default_is_said():
@@ -103,7 +104,7 @@ def test_splash_kernel_equals_xla_attention_values_and_gradients(S, tile):
 
 def _tiny(impl):
     cfg = load_yaml(ROOT / "configs" / "tiny.yaml").override({"heads": 1, "attention_impl": impl})  # head_dim 64
-    return dataclasses.replace(cfg, dtype="float32", kernel_interpret=True)  # Pallas on this CPU: interpret mode
+    return dataclasses.replace(cfg, dtype="float32", platform="cpu")  # Pallas on this CPU: interpret mode
 
 
 def _batch(cfg, rows=110):  # the longest item takes 105 rows; splash pads to its 128-row tile

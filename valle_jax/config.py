@@ -269,10 +269,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each decoder layer, by policy name (models.backbone)
-    # Pallas kernels (splash) in interpret mode: the model is compiled for a platform other than TPU (a test on
-    # CPU). Decided by `runtime_config` from the platform compiled for, not from JAX's default backend, so a TPU
-    # program compiled ahead of time on a CPU host gets the real kernel.
-    kernel_interpret: bool = False
+    # The platform the model is compiled for (cpu, gpu, cuda, rocm, tpu; "" = JAX's default backend), set by
+    # `runtime_config`: a TPU program compiled ahead of time on a CPU host must get the TPU forms (see
+    # `kernel_interpret`, `flat_rows`), not those of the host.
+    platform: str = ""
     # --- RetNet (spec reference-retnet.md) ---
     retnet_layernorm_eps: float = 1e-5
     retnet_group_norm_eps: float = 1e-5
@@ -379,6 +379,24 @@ class ModelConfig:
     def n_kv_heads(self) -> int:
         kv = self.experimental.kv_heads
         return kv if kv and kv > 0 else self.n_heads
+
+    def _compiled_for(self) -> str:
+        if self.platform:
+            return self.platform
+        import jax
+
+        return jax.default_backend()
+
+    @property
+    def kernel_interpret(self) -> bool:
+        """Pallas kernels (splash) run in interpret mode: the model is compiled for a platform other than TPU."""
+        return self._compiled_for() != "tpu"
+
+    @property
+    def flat_rows(self) -> bool:
+        """Dense layers multiply over the rows flattened to 2-d (models.backbone.rows_dot_general): on CPU, where
+        it made training 1.5x faster; on TPU it added HBM traffic (the v5e AOT cost analysis: 106 -> 112 GB/step)."""
+        return self._compiled_for() == "cpu"
 
     @property
     def attention_dropout_rate(self) -> float:
@@ -564,7 +582,7 @@ def runtime_config(cfg: ModelConfig, dtype: str = "auto", attention_impl: str | 
 
         platform = jax.default_backend()
     changes["attention_impl"] = resolve_attention(requested, changes["dtype"], platform, cfg.attention_dropout)
-    changes["kernel_interpret"] = platform != "tpu"
+    changes["platform"] = platform
     try:
         return dataclasses.replace(cfg, **changes)
     except ConfigError:

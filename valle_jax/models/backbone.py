@@ -37,15 +37,21 @@ BUILTIN = {"llama": "valle_jax.models.llama", "retnet": "valle_jax.models.retnet
 def rows_dot_general(x: Any, kernel: Any, dimension_numbers: Any, precision: Any = None,
                      preferred_element_type: Any = None) -> Any:  # fmt: skip
     """A Dense layer's product x [..., In] . kernel [In, Out] as one 2-d matmul over the rows flattened
-    ([N, In] . [In, Out]) and reshaped back: the same numbers. Backbones pass it as `nn.Dense(dot_general=...)`:
-    with 3-d activations, XLA's CPU backend builds the weight gradient from transposed copies of the activation
-    gradient, which made the MLP's training step 3x slower there; the 2-d form needs none."""
+    ([N, In] . [In, Out]) and reshaped back: the same numbers. `dense_dot_general(cfg)` says when Dense layers
+    use it: with 3-d activations, XLA's CPU backend builds the weight gradient from transposed copies of the
+    activation gradient, which made the MLP's training step 3x slower there; the 2-d form needs none."""
     from jax import lax
 
     assert tuple(map(tuple, dimension_numbers[0])) == ((x.ndim - 1,), (0,)) and not any(dimension_numbers[1]), dimension_numbers
     y = lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())), precision=precision,
                         preferred_element_type=preferred_element_type)  # fmt: skip
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def dense_dot_general(cfg: Any) -> Callable | None:
+    """The `dot_general` of the model's Dense layers: `rows_dot_general` where `cfg.flat_rows` (CPU), else
+    flax's default (None)."""
+    return rows_dot_general if cfg.flat_rows else None
 
 
 @dataclass(frozen=True)

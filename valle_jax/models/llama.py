@@ -35,7 +35,7 @@ def dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, use
         param_dtype=cfg.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        dot_general=backbone.rows_dot_general,
+        dot_general=backbone.dense_dot_general(cfg),
         name=name,
     )
 

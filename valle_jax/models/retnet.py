@@ -177,7 +177,7 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, in
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.with_logical_partitioning(init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        dot_general=backbone.rows_dot_general,
+        dot_general=backbone.dense_dot_general(cfg),
         name=name,
     )
 

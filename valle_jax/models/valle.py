@@ -118,7 +118,7 @@ class Classifiers(nn.Module):
         cfg = self.cfg
         self.proj = [
             nn.Dense(
-                w, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=backbones.rows_dot_general,
+                w, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=backbones.dense_dot_general(cfg),
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), name=f"proj_{l}",
             )
@@ -178,7 +178,7 @@ class VALLE(nn.Module):
             self.classifiers = Classifiers(cfg)
         else:
             self.classifier = nn.Dense(
-                cfg.n_resp_tokens, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=backbones.rows_dot_general,
+                cfg.n_resp_tokens, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=backbones.dense_dot_general(cfg),
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
             )  # fmt: skip
