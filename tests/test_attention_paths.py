@@ -42,7 +42,7 @@ def test_auto_picks_the_kernel_of_the_platform(platform, dtype, dropout, expecte
     # Pallas kernels are interpreted exactly when the platform compiled for is not a TPU: from the platform given,
     # not from this CPU host's default backend (a TPU program compiled ahead of time here gets the real kernel)
     assert run.platform == platform and run.kernel_interpret == (platform != "tpu")
-    assert run.flat_rows == (platform == "cpu")  # 2-d Dense products on CPU only (models.backbone.rows_dot_general)
+    assert run.cpu_layouts == (platform == "cpu")  # CPU-only layouts (2-d Dense products, heads-first XLA attention)
 
 
 def test_dropout_on_a_fused_kernel_is_refused_and_the_default_is_said():
@@ -153,3 +153,42 @@ def test_splash_sharded_over_a_mesh_gives_the_single_device_numbers():
 
 def test_attention_impl_enum_values():
     assert [e.value for e in AttentionImpl] == ["auto", "xla", "cudnn", "splash"]
+
+
+def test_cpu_layouts_give_the_accelerator_forms_numbers():
+    """On CPU the model multiplies Dense layers over 2-d rows and puts heads first in XLA attention
+    (ModelConfig.cpu_layouts); compiled for another platform it keeps the 3-d forms. Both forms, run here, give
+    the same logits and gradients (values and attention dropout included)."""
+    cpu = dataclasses.replace(_tiny("xla"), platform="cpu")
+    other = dataclasses.replace(cpu, platform="gpu")
+    assert cpu.cpu_layouts and not other.cpu_layouts
+    params = init_params(cpu, jax.random.key(0))
+    batch, rows = _batch(cpu)
+
+    def loss(cfg, deterministic):
+        def f(p):
+            logits, lay = VALLE(cfg).apply({"params": p}, batch, deterministic=deterministic, n_rows=rows,
+                                           rngs=None if deterministic else {"dropout": jax.random.key(3)})  # fmt: skip
+            return jnp.sum(jnp.where(lay.valid[..., None], logits, 0.0) ** 2) / 1e4
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    for deterministic in (True, False):
+        (a, ga), (b, gb) = loss(cpu, deterministic), loss(other, deterministic)
+        np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [529, 6])
+def test_dropout_keep_rate_scale_and_key(n):
+    from valle_jax.models.llama import dropout_keep
+
+    keep, scale = dropout_keep(jax.random.key(0), (3, 40, n), 0.1)
+    assert keep.shape == (3, 40, n) and keep.dtype == jnp.bool_
+    assert scale == pytest.approx(65536 / (65536 - 6554))  # 1 / the quantized keep probability: unbiased
+    if n > 100:  # 63480 draws: the dropped fraction is 0.1 within 5 standard deviations (0.0012 each)
+        assert abs(1.0 - float(keep.mean()) - 0.1) < 0.006
+    again, _ = dropout_keep(jax.random.key(0), (3, 40, n), 0.1)
+    other, _ = dropout_keep(jax.random.key(1), (3, 40, n), 0.1)
+    assert np.array_equal(np.asarray(keep), np.asarray(again))
+    assert not np.array_equal(np.asarray(keep), np.asarray(other))

@@ -271,7 +271,7 @@ class ModelConfig:
     remat: str = "none"  # activation checkpointing of each decoder layer, by policy name (models.backbone)
     # The platform the model is compiled for (cpu, gpu, cuda, rocm, tpu; "" = JAX's default backend), set by
     # `runtime_config`: a TPU program compiled ahead of time on a CPU host must get the TPU forms (see
-    # `kernel_interpret`, `flat_rows`), not those of the host.
+    # `kernel_interpret`, `cpu_layouts`), not those of the host.
     platform: str = ""
     # --- RetNet (spec reference-retnet.md) ---
     retnet_layernorm_eps: float = 1e-5
@@ -393,9 +393,11 @@ class ModelConfig:
         return self._compiled_for() != "tpu"
 
     @property
-    def flat_rows(self) -> bool:
-        """Dense layers multiply over the rows flattened to 2-d (models.backbone.rows_dot_general): on CPU, where
-        it made training 1.5x faster; on TPU it added HBM traffic (the v5e AOT cost analysis: 106 -> 112 GB/step)."""
+    def cpu_layouts(self) -> bool:
+        """Layouts for XLA's CPU backend, the same numbers: Dense layers multiply over the rows flattened to 2-d
+        (models.backbone.rows_dot_general) and XLA attention puts the heads ahead of the rows (llama.attend_xla).
+        On CPU only: together they made the quarter-shape training step about 2x faster there; on TPU the 2-d
+        Dense form added HBM traffic (the v5e AOT cost analysis: 106 -> 112 GB/step)."""
         return self._compiled_for() == "cpu"
 
     @property

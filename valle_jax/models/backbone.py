@@ -49,9 +49,9 @@ def rows_dot_general(x: Any, kernel: Any, dimension_numbers: Any, precision: Any
 
 
 def dense_dot_general(cfg: Any) -> Callable | None:
-    """The `dot_general` of the model's Dense layers: `rows_dot_general` where `cfg.flat_rows` (CPU), else
+    """The `dot_general` of the model's Dense layers: `rows_dot_general` where `cfg.cpu_layouts` (CPU), else
     flax's default (None)."""
-    return rows_dot_general if cfg.flat_rows else None
+    return rows_dot_general if cfg.cpu_layouts else None
 
 
 @dataclass(frozen=True)
