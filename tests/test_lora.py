@@ -315,10 +315,16 @@ def test_fresh_lora_targets_init_and_no_change():
         assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
         assert abs(a.std() - bound / np.sqrt(3)) < 0.2 * bound
     r = ref()
+    tripled_a = jax.tree.map(lambda x: 3 * x, fresh)  # B stays 0
     for level in (0, 7):
         got = logits_of(params, one(LoraConfig(rank=8, alpha=16), fresh), [item(level)])
+        # B = 0 adds exactly nothing: the same program with another A gives the same bits
+        same = logits_of(params, one(LoraConfig(rank=8, alpha=16), tripled_a), [item(level)])
+        np.testing.assert_array_equal(same, got)
+        # without a LoRA it is another program, whose base products XLA may fuse otherwise (float32 reassociation:
+        # on CPU the Dense products are 2-d matmuls, fused with their consumers as XLA chooses)
         want = logits_of(params, None, [item(level)])
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert np.abs(got[0, :, : head_width(cfg, level)] - r[f"logits_base_L{level}"]).max() < TOL
 
 
@@ -393,11 +399,12 @@ def test_dropout_only_in_training():
     tr2 = logits_of(params, stack, items, train=True, dropout=0.1, rngs={"dropout": jax.random.key(2)})
     assert np.abs(tr1 - ev).max() > 1e-2 and np.abs(tr1 - tr2).max() > 1e-2
     np.testing.assert_array_equal(tr1, tr1b)  # same key, same masks
-    np.testing.assert_allclose(logits_of(params, stack, items, train=True), ev, rtol=0, atol=1e-6)
+    # training without dropout computes what eval computes (another program: float32 reassociation only)
+    np.testing.assert_allclose(logits_of(params, stack, items, train=True), ev, rtol=1e-5, atol=1e-5)
     # dropout acts on the LoRA branch only: with B = 0 heavy dropout leaves the base output alone
     fresh = one(LoraConfig(rank=8, alpha=16), init_lora(cfg, LoraConfig(rank=8, alpha=16), jax.random.key(0), params))
     np.testing.assert_allclose(logits_of(params, fresh, items, train=True, dropout=0.5, rngs=key),
-                               logits_of(params, None, items), rtol=0, atol=1e-6)  # fmt: skip
+                               logits_of(params, None, items), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
