@@ -28,6 +28,7 @@ from valle_jax.models.valle import VALLE, init_params
     ("gpu", "bfloat16", 0.1, "xla"),  # an explicit attention dropout keeps the one path that can apply it
     ("tpu", "bfloat16", 0.1, "xla"),
     ("tpu", "bfloat16", 0.0, "splash"),
+    ("rocm", "bfloat16", None, "xla"),  # AMD GPUs: no cuDNN
 ])  # fmt: skip
 def test_auto_picks_the_kernel_of_the_platform(platform, dtype, dropout, expected):
     assert resolve_attention("auto", dtype, platform, dropout) == expected
@@ -192,3 +193,18 @@ def test_dropout_keep_rate_scale_and_key(n):
     other, _ = dropout_keep(jax.random.key(1), (3, 40, n), 0.1)
     assert np.array_equal(np.asarray(keep), np.asarray(again))
     assert not np.array_equal(np.asarray(keep), np.asarray(other))
+
+
+def test_device_platform_tells_amd_from_nvidia_gpus():
+    """JAX names both vendors' GPUs "gpu"; the runtime choices need to know which (cuDNN exists only on NVIDIA).
+    Stand-ins for devices carry the two attributes read (no GPU here)."""
+    from types import SimpleNamespace as NS
+
+    from valle_jax.config import device_platform
+
+    rocm = NS(platform="gpu", client=NS(platform_version="PJRT C API\nrocm 60304"))
+    cuda = NS(platform="gpu", client=NS(platform_version="PJRT C API\ncuda 12080"))
+    assert [device_platform(d) for d in (rocm, cuda)] == ["rocm", "gpu"]
+    assert device_platform(jax.devices()[0]) == "cpu"
+    assert runtime_config(ModelConfig(), "bfloat16", platform=device_platform(rocm)).attention_impl == "xla"
+    assert runtime_config(ModelConfig(), "bfloat16", platform=device_platform(cuda)).attention_impl == "cudnn"

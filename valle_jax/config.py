@@ -543,8 +543,8 @@ def compute_dtype(requested: str = "auto") -> str:
 
 
 def resolve_attention(impl: str, dtype: str, platform: str, attention_dropout: float | None) -> AttentionImpl:
-    """The attention path `auto` stands for on `platform` (cpu, gpu/cuda/rocm, tpu) at compute `dtype`: cuDNN flash
-    attention on NVIDIA GPUs in bfloat16/float16, Pallas splash attention on TPU, XLA elsewhere and whenever an
+    """The attention path `auto` stands for on `platform` (cpu, gpu/cuda = NVIDIA, rocm = AMD, tpu; see
+    `device_platform`) at compute `dtype`: cuDNN flash attention on NVIDIA GPUs in bfloat16/float16, Pallas splash attention on TPU, XLA elsewhere and whenever an
     explicit `attention_dropout` > 0 asks for dropout (only XLA can apply it). An explicit choice is kept."""
     impl = AttentionImpl(str(impl))
     if impl != AttentionImpl.AUTO:
@@ -568,10 +568,18 @@ def describe_attention(cfg: ModelConfig) -> str:
     return line
 
 
+def device_platform(device: Any) -> str:
+    """A JAX device's platform as the runtime choices name it: "rocm" for AMD GPUs (JAX calls both vendors' GPUs
+    "gpu", and cuDNN attention exists only on NVIDIA ones), else `device.platform` (cpu, gpu, tpu)."""
+    platform = str(device.platform)
+    version = str(getattr(getattr(device, "client", None), "platform_version", "") or "")
+    return "rocm" if platform == "gpu" and "rocm" in version.lower() else platform
+
+
 def runtime_config(cfg: ModelConfig, dtype: str = "auto", attention_impl: str | None = None,
                    remat: str | None = None, platform: str | None = None) -> ModelConfig:  # fmt: skip
     """The model as it will run here: compute dtype decided once (`compute_dtype`), the attention path (`auto`
-    resolved for `platform`, default: JAX's backend; `resolve_attention`), remat."""
+    resolved for `platform`, default: that of JAX's first device, `device_platform`; `resolve_attention`), remat."""
     changes: dict[str, Any] = {"dtype": compute_dtype(dtype)}
     if remat is not None:
         changes["remat"] = remat
@@ -582,7 +590,7 @@ def runtime_config(cfg: ModelConfig, dtype: str = "auto", attention_impl: str | 
     if platform is None:
         import jax
 
-        platform = jax.default_backend()
+        platform = device_platform(jax.devices()[0])
     changes["attention_impl"] = resolve_attention(requested, changes["dtype"], platform, cfg.attention_dropout)
     changes["platform"] = platform
     try:
@@ -877,5 +885,5 @@ __all__ = [
     "AttentionImpl", "FUSED_ATTENTION", "CODEC_SPECS", "CodecKind", "Config", "ConfigError", "DataConfig", "Experimental", "FrozenMap",
     "GroupNorm", "MeshConfig", "ModelConfig", "Optimizer", "Restore", "RetNetMode", "STOP_TOKEN", "Schedule", "TokenizerKind",
     "TrainConfig", "compute_dtype", "describe_attention", "load_config", "load_reference_yaml", "load_yaml", "parse_assignment", "plain",
-    "resolve_attention", "runtime_config", "save_config", "save_yaml",
+    "resolve_attention", "runtime_config", "device_platform", "save_config", "save_yaml",
 ]  # fmt: skip

@@ -37,7 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from valle_jax import parallel, trainable
-from valle_jax.config import Config, ConfigError, ModelConfig, Optimizer, TrainConfig, runtime_config
+from valle_jax.config import Config, ConfigError, ModelConfig, Optimizer, TrainConfig, device_platform, runtime_config
 from valle_jax.layout import Batch, as_batch
 from valle_jax.models import loss as loss_lib
 from valle_jax.models.lora import LoraError, init_lora, lora_context, lora_logical_axes, merge_lora, stack_loras
@@ -158,7 +158,7 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh | None = None, loss_fn: LossFn | None = None):
         self.cfg = cfg
         self.mesh = mesh if mesh is not None else parallel.make_mesh(cfg.mesh)
-        self.platform = self.mesh.devices.flat[0].platform
+        self.platform = device_platform(self.mesh.devices.flat[0])
         self.mcfg = training_model_config(cfg, self.platform)
         self.rules = parallel.axis_rules(cfg.mesh)
         self.model = VALLE(self.mcfg)

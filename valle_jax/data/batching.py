@@ -53,7 +53,7 @@ __all__ = [
 PAD_MULTIPLE = 8
 # data.batch_tokens unset: tokens (sequence rows) per device and step. CPU: what a laptop trains in seconds; GPU
 # (80-141 GB): 32k rows keeps an H100/H200 busy at the released shape; TPU (16-32 GB HBM per chip): 16k.
-DEFAULT_BATCH_TOKENS = {"cpu": 8192, "gpu": 32768, "tpu": 16384}
+DEFAULT_BATCH_TOKENS = {"cpu": 8192, "gpu": 32768, "rocm": 32768, "tpu": 16384}
 
 
 def default_batch_tokens(platform: str, batch_shards: int = 1) -> int:
