@@ -208,3 +208,11 @@ def test_device_platform_tells_amd_from_nvidia_gpus():
     assert device_platform(jax.devices()[0]) == "cpu"
     assert runtime_config(ModelConfig(), "bfloat16", platform=device_platform(rocm)).attention_impl == "xla"
     assert runtime_config(ModelConfig(), "bfloat16", platform=device_platform(cuda)).attention_impl == "cudnn"
+
+
+def test_dropout_keep_at_rate_one_drops_everything():
+    """model.dropout = 1 is a valid config (flax's Dropout gives zeros there): no division by a zero keep rate."""
+    from valle_jax.models.llama import dropout_keep
+
+    keep, scale = dropout_keep(jax.random.key(0), (2, 7), 1.0)
+    assert not np.asarray(keep).any() and scale == 0.0

@@ -269,7 +269,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each decoder layer, by policy name (models.backbone)
-    # The platform the model is compiled for (cpu, gpu, cuda, rocm, tpu; "" = JAX's default backend), set by
+    # The platform the model is compiled for (cpu, gpu, cuda, rocm, tpu; "" = that of JAX's first device), set by
     # `runtime_config`: a TPU program compiled ahead of time on a CPU host must get the TPU forms (see
     # `kernel_interpret`, `cpu_layouts`), not those of the host.
     platform: str = ""
@@ -385,7 +385,7 @@ class ModelConfig:
             return self.platform
         import jax
 
-        return jax.default_backend()
+        return device_platform(jax.devices()[0])
 
     @property
     def kernel_interpret(self) -> bool:
@@ -544,8 +544,9 @@ def compute_dtype(requested: str = "auto") -> str:
 
 def resolve_attention(impl: str, dtype: str, platform: str, attention_dropout: float | None) -> AttentionImpl:
     """The attention path `auto` stands for on `platform` (cpu, gpu/cuda = NVIDIA, rocm = AMD, tpu; see
-    `device_platform`) at compute `dtype`: cuDNN flash attention on NVIDIA GPUs in bfloat16/float16, Pallas splash attention on TPU, XLA elsewhere and whenever an
-    explicit `attention_dropout` > 0 asks for dropout (only XLA can apply it). An explicit choice is kept."""
+    `device_platform`) at compute `dtype`: cuDNN flash attention on NVIDIA GPUs in bfloat16/float16, Pallas splash
+    attention on TPU, XLA elsewhere and whenever an explicit `attention_dropout` > 0 asks for dropout (only XLA can
+    apply it). An explicit choice is kept."""
     impl = AttentionImpl(str(impl))
     if impl != AttentionImpl.AUTO:
         return impl

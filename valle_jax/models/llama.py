@@ -79,11 +79,14 @@ def dropout_keep(key: Array, shape: tuple[int, ...], rate: float) -> tuple[Array
     16-bit uniforms (pairs along the last axis), half the draws of `jax.random.bernoulli` (threefry was the
     costliest part of attention dropout on CPU); the rate is quantized to 1/65536 (0.1 -> 0.1000061) and the
     scale uses the quantized keep probability, so the expectation is exact. Counter-based like every threefry
-    draw: the mask does not depend on how the array is sharded."""
+    draw: the mask does not depend on how the array is sharded. A rate that rounds to 1 drops everything (scale 0),
+    as flax's Dropout does at rate 1."""
+    drop = round(rate * 65536)
+    if drop >= 65536:
+        return jnp.zeros(shape, bool), 0.0
     *lead, n = shape
     bits = jax.random.bits(key, (*lead, (n + 1) // 2), jnp.uint32)
     halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(*lead, -1)[..., :n]
-    drop = round(rate * 65536)
     return halves >= drop, 65536.0 / (65536 - drop)
 
 
